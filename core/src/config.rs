@@ -1,0 +1,168 @@
+//! `layerpack.toml`: the optional config file. Unknown keys are errors that
+//! name the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::{Error, ErrorKind, Result};
+
+/// The whole config file. Every field is optional; no file at all means
+/// the defaults (snapshot backend, state under the user's state directory).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where sessions live; must be outside every base.
+    pub state_dir: Option<PathBuf>,
+    /// Backend used when `init` gets no `--backend`: a name or `auto`.
+    pub backend: Option<String>,
+    /// Where `final` writes its outputs when `--out` is not given.
+    pub out_dir: Option<PathBuf>,
+    /// Hash every candidate file when reading a layer instead of trusting
+    /// stat data.
+    #[serde(default)]
+    pub hash_all: bool,
+    /// Per-backend settings: `[backends.<name>]`.
+    #[serde(default)]
+    pub backends: BTreeMap<String, toml::Spanned<toml::Table>>,
+    /// The file this was read from (not a key).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+    /// The text it was read from, for locating keys in errors.
+    #[serde(skip)]
+    text: String,
+}
+
+impl Config {
+    /// Read and check `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(path, "cannot read config file", e))?;
+        let mut cfg = Config::parse(&text, path)?;
+        // Relative paths in the file are relative to the file.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.state_dir, &mut cfg.out_dir].into_iter().flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parse config text; `origin` is used in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(" line {}:", line_of(text, s.start)))
+                .unwrap_or_default();
+            Error::new(
+                ErrorKind::Config,
+                format!("{}:{line} {}", origin.display(), e.message().trim_end()),
+            )
+        })?;
+        cfg.source = Some(origin.to_path_buf());
+        cfg.text = text.to_string();
+        Ok(cfg)
+    }
+
+    /// The `[backends.<name>]` table (empty when absent).
+    pub fn backend_config(&self, name: &str) -> BackendConfig {
+        match self.backends.get(name) {
+            Some(t) => BackendConfig {
+                name: name.to_string(),
+                table: t.get_ref().clone(),
+                origin: self
+                    .source
+                    .clone()
+                    .map(|p| (p, line_of(&self.text, t.span().start))),
+            },
+            None => BackendConfig::empty(name),
+        }
+    }
+}
+
+/// 1-based line number of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// One backend's settings, with where they came from for error messages.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Backend name.
+    pub name: String,
+    /// The raw table.
+    pub table: toml::Table,
+    /// File and line of the `[backends.<name>]` header, if from a file.
+    pub origin: Option<(PathBuf, usize)>,
+}
+
+impl BackendConfig {
+    /// No settings.
+    pub fn empty(name: &str) -> BackendConfig {
+        BackendConfig {
+            name: name.to_string(),
+            table: toml::Table::new(),
+            origin: None,
+        }
+    }
+
+    /// Deserialize into the backend's own settings struct (which should use
+    /// `deny_unknown_fields`); errors name file, line and section.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        T::deserialize(toml::Value::Table(self.table.clone())).map_err(|e| {
+            let at = match &self.origin {
+                Some((p, line)) => format!("{}: line {line}: ", p.display()),
+                None => String::new(),
+            };
+            Error::new(
+                ErrorKind::Config,
+                format!("{at}[backends.{}]: {}", self.name, e.message().trim_end()),
+            )
+        })
+    }
+
+    /// The same settings as TOML text (for plugins).
+    pub fn to_text(&self) -> String {
+        toml::to_string(&self.table).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err =
+            Config::parse("backend = \"snapshot\"\nbakend = 1\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let msg = err.to_string();
+        assert!(msg.contains("x.toml"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(msg.contains("bakend"), "{msg}");
+    }
+
+    #[test]
+    fn backend_section_errors_name_the_section() {
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct S {
+            hash_all: Option<bool>,
+        }
+        let cfg = Config::parse("\n[backends.snapshot]\nhsh = 1\n", Path::new("c.toml")).unwrap();
+        let err = cfg.backend_config("snapshot").parse::<S>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("c.toml: line 2"), "{msg}");
+        assert!(msg.contains("[backends.snapshot]"), "{msg}");
+        assert!(msg.contains("hsh"), "{msg}");
+    }
+}

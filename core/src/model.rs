@@ -1,0 +1,489 @@
+//! The change model every backend produces and every consumer reads.
+//!
+//! Paths are raw bytes relative to the base: never assumed to be UTF-8, never
+//! starting with `/`, components joined by `/`. They are ordered the way a
+//! depth-first walk with byte-wise sorted directory entries visits them (as
+//! `tar --sort=name` does): a parent comes right before its subtree, so
+//! additions can be applied in order and deletions in reverse order.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A path relative to the base, as bytes. The empty path is the base itself.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct RelPath(Vec<u8>);
+
+impl RelPath {
+    /// The base itself.
+    pub fn root() -> RelPath {
+        RelPath(Vec::new())
+    }
+
+    /// Wrap bytes; leading and trailing `/` and empty components are dropped.
+    pub fn from_bytes(bytes: &[u8]) -> RelPath {
+        let mut out = Vec::with_capacity(bytes.len());
+        for comp in bytes.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            if !out.is_empty() {
+                out.push(b'/');
+            }
+            out.extend_from_slice(comp);
+        }
+        RelPath(out)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// True for the base itself.
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// This path joined with one more component `name` (which must not
+    /// contain `/`).
+    pub fn join(&self, name: &[u8]) -> RelPath {
+        let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
+        v.extend_from_slice(&self.0);
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(name);
+        RelPath(v)
+    }
+
+    /// The parent path, `None` for the root.
+    pub fn parent(&self) -> Option<RelPath> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(match self.0.iter().rposition(|b| *b == b'/') {
+            Some(i) => RelPath(self.0[..i].to_vec()),
+            None => RelPath::root(),
+        })
+    }
+
+    /// The last component (empty for the root).
+    pub fn file_name(&self) -> &[u8] {
+        match self.0.iter().rposition(|b| *b == b'/') {
+            Some(i) => &self.0[i + 1..],
+            None => &self.0,
+        }
+    }
+
+    /// True if `self` is `other` or lies below it.
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        other.0.is_empty()
+            || (self.0.starts_with(&other.0)
+                && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+    }
+
+    /// Number of components.
+    pub fn depth(&self) -> usize {
+        if self.0.is_empty() {
+            0
+        } else {
+            1 + self.0.iter().filter(|b| **b == b'/').count()
+        }
+    }
+
+    /// The path under `base` on this machine.
+    pub fn under(&self, base: &Path) -> PathBuf {
+        if self.0.is_empty() {
+            base.to_path_buf()
+        } else {
+            base.join(OsStr::from_bytes(&self.0))
+        }
+    }
+
+    /// A printable form: UTF-8 shown as is, other bytes as `\xNN`, control
+    /// characters escaped. For messages, never for parsing.
+    pub fn display(&self) -> String {
+        escape_bytes(&self.0)
+    }
+}
+
+/// Escape bytes for display: valid UTF-8 text stays, anything else is `\xNN`.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Depth-first order: compare as if `/` sorted before every other byte.
+pub fn path_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    let key = |x: u8| if x == b'/' { 0u8 } else { x };
+    let n = a.len().min(b.len());
+    for i in 0..n {
+        let (x, y) = (key(a[i]), key(b[i]));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+impl Ord for RelPath {
+    fn cmp(&self, other: &Self) -> Ordering {
+        path_cmp(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.display())
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+impl From<&str> for RelPath {
+    fn from(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes())
+    }
+}
+
+/// The type of a filesystem entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// Character device.
+    CharDevice,
+    /// Block device.
+    BlockDevice,
+    /// Named pipe.
+    Fifo,
+    /// Unix socket.
+    Socket,
+}
+
+impl FileKind {
+    /// From the `S_IFMT` bits of a mode.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::File,
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            _ => return None,
+        })
+    }
+
+    /// The `S_IFMT` bits for this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+        }
+    }
+
+    /// Stable lowercase name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::File => "file",
+            FileKind::Dir => "dir",
+            FileKind::Symlink => "symlink",
+            FileKind::CharDevice => "char",
+            FileKind::BlockDevice => "block",
+            FileKind::Fifo => "fifo",
+            FileKind::Socket => "socket",
+        }
+    }
+
+    /// Inverse of [`FileKind::as_str`].
+    pub fn parse(s: &str) -> Option<FileKind> {
+        Some(match s {
+            "file" => FileKind::File,
+            "dir" => FileKind::Dir,
+            "symlink" => FileKind::Symlink,
+            "char" => FileKind::CharDevice,
+            "block" => FileKind::BlockDevice,
+            "fifo" => FileKind::Fifo,
+            "socket" => FileKind::Socket,
+            _ => return None,
+        })
+    }
+
+    /// True for character and block devices.
+    pub fn is_device(self) -> bool {
+        matches!(self, FileKind::CharDevice | FileKind::BlockDevice)
+    }
+}
+
+/// Extended attributes, sorted by name. Values are raw bytes.
+pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The metadata of one entry as a package needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// Type of entry.
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Size in bytes (regular files; symlinks: length of the target).
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Device number for character and block devices (major, minor).
+    pub rdev: Option<(u32, u32)>,
+    /// Extended attributes (overlay/aufs internals never appear here).
+    pub xattrs: Xattrs,
+    /// Symlink target bytes.
+    pub link_target: Option<Vec<u8>>,
+    /// SHA-256 of the content, for regular files in a change set.
+    pub sha256: Option<[u8; 32]>,
+    /// Hard-link group within the change set: entries with the same number
+    /// are one inode. `None` when the entry has no other link in the layer.
+    pub link_group: Option<u32>,
+}
+
+impl Meta {
+    /// Metadata with everything but the kind and mode zeroed.
+    pub fn new(kind: FileKind, mode: u32) -> Meta {
+        Meta {
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns: 0,
+            rdev: None,
+            xattrs: Xattrs::new(),
+            link_target: None,
+            sha256: None,
+            link_group: None,
+        }
+    }
+}
+
+/// What happened to a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The path is absent from the base.
+    Added,
+    /// The path exists in both; `content_changed` is false when only mode,
+    /// owner, device number or xattrs differ.
+    Modified {
+        /// Type, size, symlink target, mtime or bytes differ.
+        content_changed: bool,
+    },
+    /// The base path is gone.
+    Deleted,
+}
+
+impl ChangeKind {
+    /// `+`, `~`, `m` or `-`, as in SCENARIOS.md.
+    pub fn symbol(self) -> char {
+        match self {
+            ChangeKind::Added => '+',
+            ChangeKind::Modified {
+                content_changed: true,
+            } => '~',
+            ChangeKind::Modified {
+                content_changed: false,
+            } => 'm',
+            ChangeKind::Deleted => '-',
+        }
+    }
+
+    /// `added`, `modified` or `deleted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "added",
+            ChangeKind::Modified { .. } => "modified",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One change. `meta` is the new state, or for deletions the state the base
+/// had.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Path relative to the base.
+    pub path: RelPath,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The new state (the old one for deletions).
+    pub meta: Meta,
+}
+
+/// Every change one install made, sorted by path (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    changes: Vec<Change>,
+}
+
+impl ChangeSet {
+    /// Build from changes in any order; sorts them and numbers hard-link
+    /// groups in path order so equal layers give equal sets.
+    pub fn from_unsorted(mut changes: Vec<Change>) -> ChangeSet {
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
+        changes.dedup_by(|a, b| a.path == b.path);
+        let mut renumber = BTreeMap::new();
+        for c in &mut changes {
+            if let Some(g) = c.meta.link_group {
+                let next = renumber.len() as u32;
+                c.meta.link_group = Some(*renumber.entry(g).or_insert(next));
+            }
+        }
+        ChangeSet { changes }
+    }
+
+    /// All changes in path order.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// Consume into the sorted vector.
+    pub fn into_changes(self) -> Vec<Change> {
+        self.changes
+    }
+
+    /// Number of changes.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// True when the install changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// Added and modified entries, parents first.
+    pub fn present(&self) -> impl Iterator<Item = &Change> {
+        self.changes
+            .iter()
+            .filter(|c| c.kind != ChangeKind::Deleted)
+    }
+
+    /// Deleted entries, children before parents.
+    pub fn deletions(&self) -> impl Iterator<Item = &Change> {
+        self.changes
+            .iter()
+            .rev()
+            .filter(|c| c.kind == ChangeKind::Deleted)
+    }
+
+    /// The change for one path.
+    pub fn get(&self, path: &RelPath) -> Option<&Change> {
+        self.changes
+            .binary_search_by(|c| c.path.cmp(path))
+            .ok()
+            .map(|i| &self.changes[i])
+    }
+}
+
+/// Split a device number into (major, minor) the way glibc does.
+pub fn split_dev(dev: u64) -> (u32, u32) {
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
+    (major as u32, minor as u32)
+}
+
+/// Join (major, minor) into a device number the way glibc does.
+pub fn make_dev(major: u32, minor: u32) -> u64 {
+    let (major, minor) = (major as u64, minor as u64);
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0x0000_0fff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0x0000_00ff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_first_order_keeps_subtrees_together() {
+        let mut v: Vec<RelPath> = ["a.b", "a/x", "a", "a-b", "a/x/y", "b"]
+            .iter()
+            .map(|s| RelPath::from(*s))
+            .collect();
+        v.sort();
+        let got: Vec<String> = v.iter().map(|p| p.display()).collect();
+        assert_eq!(got, ["a", "a/x", "a/x/y", "a-b", "a.b", "b"]);
+    }
+
+    #[test]
+    fn relpath_parent_and_name() {
+        let p = RelPath::from_bytes(b"/usr//bin/x/");
+        assert_eq!(p.as_bytes(), b"usr/bin/x");
+        assert_eq!(p.file_name(), b"x");
+        assert_eq!(p.parent().unwrap().as_bytes(), b"usr/bin");
+        assert!(p.starts_with(&RelPath::from("usr")));
+        assert!(!RelPath::from("usrx").starts_with(&RelPath::from("usr")));
+        assert_eq!(p.depth(), 3);
+    }
+
+    #[test]
+    fn escapes_non_utf8_and_newlines() {
+        assert_eq!(escape_bytes(b"a\nb\xff"), "a\\nb\\xff");
+    }
+
+    #[test]
+    fn dev_numbers_round_trip() {
+        for (ma, mi) in [(1, 3), (7, 0), (259, 65536), (4095, 255)] {
+            assert_eq!(split_dev(make_dev(ma, mi)), (ma, mi));
+        }
+    }
+
+    #[test]
+    fn changeset_numbers_link_groups_in_path_order() {
+        let mut m = Meta::new(FileKind::File, 0o644);
+        m.link_group = Some(77);
+        let c = |p: &str| Change {
+            path: p.into(),
+            kind: ChangeKind::Added,
+            meta: m.clone(),
+        };
+        let set = ChangeSet::from_unsorted(vec![c("b"), c("a")]);
+        assert_eq!(set.changes()[0].meta.link_group, Some(0));
+        assert_eq!(set.changes()[1].meta.link_group, Some(0));
+    }
+}

@@ -1,0 +1,385 @@
+//! Sessions on disk: one directory per open package under the state
+//! directory, a `session.json` written atomically at every phase change,
+//! and `flock` locks so two processes never work on one package (or one
+//! base) at once. Every step can be re-run after a crash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::SessionSpec;
+use crate::{Error, ErrorKind, Result};
+
+/// Version of `session.json`.
+pub const SESSION_FORMAT: u32 = 1;
+
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// `init` started but has not finished setting up.
+    Starting,
+    /// Open: the install may write.
+    Open,
+    /// Outputs are written; the layer is being folded into the base.
+    MovingDown,
+    /// The layer is being dropped.
+    Discarding,
+}
+
+impl Phase {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Open => "open",
+            Phase::MovingDown => "moving-down",
+            Phase::Discarding => "discarding",
+        }
+    }
+}
+
+/// The persisted part of a session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionFile {
+    /// [`SESSION_FORMAT`].
+    pub format: u32,
+    /// Package name.
+    pub package: String,
+    /// Backend name.
+    pub backend: String,
+    /// Canonical base.
+    #[serde(with = "crate::jsonbytes::path")]
+    pub base: PathBuf,
+    /// Where the install writes (empty until `begin` returned).
+    #[serde(with = "crate::jsonbytes::path")]
+    pub merged: PathBuf,
+    /// Current phase.
+    pub phase: Phase,
+    /// Package version given to `init`, if any.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Seconds since the epoch when `init` ran.
+    pub created: u64,
+}
+
+/// Check a package name: it becomes a directory name and a file name, so
+/// no `/`, no `..`, no leading `.`, and only printable ASCII that build
+/// systems use (`[A-Za-z0-9._+-]`).
+pub fn validate_package_name(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._+-".contains(c);
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.starts_with('-')
+        || name.contains("..")
+        || !name.chars().all(ok_char)
+        || name.len() > 200
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "invalid package name '{}': use letters, digits and . _ + - (no '/', no '..', not starting with '.' or '-')",
+                crate::model::escape_bytes(name.as_bytes())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The state directory: `sessions/<pkg>/` per open session.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// A held lock; released on drop.
+pub struct LockGuard {
+    _lock: Flock<File>,
+}
+
+impl StateDir {
+    /// Use (and create, mode 0700) the state directory at `root`.
+    pub fn open(root: &Path) -> Result<StateDir> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("sessions"))
+            .map_err(|e| Error::io(root, "cannot create the state directory", e))?;
+        let root = fs::canonicalize(root)
+            .map_err(|e| Error::io(root, "cannot resolve the state directory", e))?;
+        Ok(StateDir { root })
+    }
+
+    /// The default location: `$LAYERPACK_STATE_DIR`, else
+    /// `$XDG_STATE_HOME/layerpack`, else `~/.local/state/layerpack`, else
+    /// `/tmp/layerpack-<uid>`.
+    pub fn default_location() -> PathBuf {
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if let Some(p) = env("LAYERPACK_STATE_DIR") {
+            return p;
+        }
+        if let Some(p) = env("XDG_STATE_HOME") {
+            return p.join("layerpack");
+        }
+        if let Some(p) = env("HOME") {
+            return p.join(".local/state/layerpack");
+        }
+        PathBuf::from(format!("/tmp/layerpack-{}", nix::unistd::getuid()))
+    }
+
+    /// The canonical path of the state directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Refuse a base that contains the state directory (the install and the
+    /// scan would see our own files) or lies inside it.
+    pub fn check_outside(&self, base: &Path) -> Result<()> {
+        if self.root.starts_with(base) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the state directory {} is inside the root {}; set --state-dir, LAYERPACK_STATE_DIR or state_dir in layerpack.toml to a directory outside the root",
+                    self.root.display(),
+                    base.display()
+                ),
+            ));
+        }
+        if base.starts_with(&self.root) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the root {} is inside the state directory {}",
+                    base.display(),
+                    self.root.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Directory of `pkg`'s session.
+    pub fn session_dir(&self, pkg: &str) -> PathBuf {
+        self.root.join("sessions").join(pkg)
+    }
+
+    fn session_file(&self, pkg: &str) -> PathBuf {
+        self.session_dir(pkg).join("session.json")
+    }
+
+    /// The spec a backend sees for `s`.
+    pub fn spec(&self, s: &SessionFile) -> SessionSpec {
+        SessionSpec {
+            package: s.package.clone(),
+            base: s.base.clone(),
+            dir: self.session_dir(&s.package).join("backend"),
+        }
+    }
+
+    fn lock(&self, path: PathBuf, wait: bool, who: &str) -> Result<LockGuard> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "cannot open lock file", e))?;
+        let arg = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        match Flock::lock(f, arg) {
+            Ok(l) => Ok(LockGuard { _lock: l }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::new(
+                ErrorKind::Busy,
+                format!("another layerpack process is working on {who}; wait for it to finish"),
+            )
+            .with_path(&path)),
+            Err((_, e)) => Err(Error::io(&path, "cannot lock", e.into())),
+        }
+    }
+
+    /// Lock one package for the duration of a command.
+    pub fn lock_package(&self, pkg: &str) -> Result<LockGuard> {
+        self.lock(
+            self.root.join("sessions").join(format!("{pkg}.lock")),
+            false,
+            &format!("package '{pkg}'"),
+        )
+    }
+
+    /// Short global lock around checks that span sessions.
+    pub fn lock_all(&self) -> Result<LockGuard> {
+        self.lock(self.root.join("state.lock"), true, "the state directory")
+    }
+
+    /// Read `pkg`'s session.
+    pub fn load(&self, pkg: &str) -> Result<SessionFile> {
+        let path = self.session_file(pkg);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no open session for package '{pkg}'; run `layerpack init {pkg} --root DIR` first"
+                    ),
+                ))
+            }
+            Err(e) => return Err(Error::io(&path, "cannot read session file", e)),
+        };
+        let s: SessionFile = serde_json::from_slice(&text).map_err(|e| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "session file is corrupt or truncated ({e}); run `layerpack abort {pkg}` to drop the session"
+                ),
+            )
+            .with_path(&path)
+        })?;
+        if s.format != SESSION_FORMAT || s.package != pkg {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "session file has format {} for package '{}', expected format {SESSION_FORMAT} for '{pkg}'; run `layerpack abort {pkg}`",
+                    s.format, s.package
+                ),
+            )
+            .with_path(&path));
+        }
+        Ok(s)
+    }
+
+    /// True if a session directory exists for `pkg` (even a broken one).
+    pub fn exists(&self, pkg: &str) -> bool {
+        self.session_dir(pkg).exists()
+    }
+
+    /// Write `s` atomically (temp file, fsync, rename, fsync directory).
+    pub fn save(&self, s: &SessionFile) -> Result<()> {
+        let dir = self.session_dir(&s.package);
+        let json = serde_json::to_vec_pretty(s)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot encode session: {e}")))?;
+        write_atomic(&dir.join("session.json"), &json)
+    }
+
+    /// Create `pkg`'s session directory (and the backend's private one).
+    pub fn create_dir(&self, pkg: &str) -> Result<()> {
+        let dir = self.session_dir(pkg);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io(&dir, "cannot create session directory", e))?;
+        let b = dir.join("backend");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&b)
+            .map_err(|e| Error::io(&b, "cannot create session directory", e))
+    }
+
+    /// Remove `pkg`'s session entirely.
+    pub fn remove(&self, pkg: &str) -> Result<()> {
+        let dir = self.session_dir(pkg);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&dir, "cannot remove session directory", e)),
+        }
+    }
+
+    /// Every session directory: its package name and what loading it gave.
+    pub fn list(&self) -> Result<Vec<(String, Result<SessionFile>)>> {
+        let dir = self.root.join("sessions");
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, "cannot list sessions", e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| Error::io(&dir, "cannot list sessions", e))?;
+            if !ent.path().is_dir() {
+                continue;
+            }
+            let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let loaded = self.load(&name);
+            out.push((name, loaded));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Write a file so that readers see the old or the new content, never a
+/// mix, even after a crash.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create", e))?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&tmp, "cannot write", e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot replace", e))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Resolve and check a root given on the command line: it must exist, be a
+/// directory and be listable. Returns the canonical path.
+pub fn check_root(root: &Path) -> Result<PathBuf> {
+    let canon = fs::canonicalize(root)
+        .map_err(|e| Error::io(root, "the root does not exist or cannot be resolved", e))?;
+    let md = fs::metadata(&canon).map_err(|e| Error::io(root, "cannot read the root", e))?;
+    if !md.is_dir() {
+        return Err(
+            Error::new(ErrorKind::InvalidInput, "the root is not a directory").with_path(root),
+        );
+    }
+    fs::read_dir(&canon).map_err(|e| Error::io(root, "cannot list the root", e))?;
+    Ok(canon)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_names() {
+        for ok in [
+            "hello",
+            "linux-firmware",
+            "host_foo",
+            "Qt5Base",
+            "gtk+3",
+            "a.b",
+        ] {
+            validate_package_name(ok).unwrap();
+        }
+        for bad in [
+            "", "a/b", "..", "../x", "a..b", ".hidden", "-x", "a b", "a\nb",
+        ] {
+            let e = validate_package_name(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}");
+        }
+    }
+}
