@@ -1,1 +1,584 @@
-fn main() {}
+//! `layerpack`: capture what a package's install step does to a root tree
+//! as a layer, and turn it into packages.
+//!
+//! One exit point: 0 success, 1 failure, 2 usage; `run` exits with the
+//! command's status when the command failed. Errors print their whole chain
+//! on one line. `--json` makes stdout JSON Lines.
+
+mod manifest;
+mod progress;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use layerpack_core::backend::ChangeOptions;
+use layerpack_core::config::Config;
+use layerpack_core::jsonbytes::to_json;
+use layerpack_core::ops::{self, Finish};
+use layerpack_core::registry::{Origin, Registry};
+use layerpack_core::session::{validate_package_name, StateDir};
+use layerpack_core::tree::ScanOptions;
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "layerpack",
+    version,
+    about = "Capture what a package's install does to a root tree, as a layer, and package it",
+    after_help = "Environment: LAYERPACK_CONFIG, LAYERPACK_STATE_DIR; `run` sets LAYERPACK_ROOT and LAYERPACK_PACKAGE for the command."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Config file (default: none; built-in defaults).
+    #[arg(long, global = true, env = "LAYERPACK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print JSON Lines on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Where sessions live (default: $XDG_STATE_HOME/layerpack or ~/.local/state/layerpack).
+    #[arg(long, global = true, env = "LAYERPACK_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Open a capture session for a package; prints the path to install into.
+    Init {
+        #[arg(value_parser = package_name)]
+        package: String,
+        #[command(flatten)]
+        opts: InitOpts,
+    },
+    /// Read the package's layer, write its outputs, and fold it into the root.
+    Final {
+        #[arg(value_parser = package_name)]
+        package: String,
+        #[command(flatten)]
+        opts: FinalOpts,
+    },
+    /// init, run a command with LAYERPACK_ROOT set, then final.
+    Run {
+        #[arg(value_parser = package_name)]
+        package: String,
+        #[command(flatten)]
+        init: InitOpts,
+        #[command(flatten)]
+        fin: FinalOpts,
+        /// The install command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Drop a package's session (discarding the layer where the backend can).
+    Abort {
+        #[arg(value_parser = package_name)]
+        package: String,
+    },
+    /// List open sessions, their backend and state.
+    Status,
+    /// List every backend: available or why not, and its capabilities.
+    Backends,
+    /// Apply the change rules to two trees.
+    Diff {
+        /// The tree before.
+        before: PathBuf,
+        /// The tree after.
+        after: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct InitOpts {
+    /// The tree the package installs into.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Backend name, or `auto` for the best available (default: snapshot).
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
+    /// Package version, kept for `final`.
+    #[arg(long = "version", value_name = "V")]
+    pkg_version: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct FinalOpts {
+    /// Where to write outputs (default: out_dir from the config, else the current directory).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Keep the layer and the session open after writing outputs.
+    #[arg(long, conflicts_with = "discard")]
+    keep: bool,
+    /// Drop the layer after writing outputs; the root is as before init.
+    #[arg(long)]
+    discard: bool,
+    /// Hash every candidate file instead of trusting stat data.
+    #[arg(long)]
+    hash_all: bool,
+}
+
+fn package_name(s: &str) -> Result<String, String> {
+    validate_package_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.message().to_string())
+}
+
+/// Everything a command needs.
+struct App {
+    global: Global,
+    config: Config,
+    registry: Registry,
+    progress: progress::Progress,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run_cli(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("layerpack: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run_cli(cli: Cli) -> Result<ExitCode> {
+    let config = match &cli.global.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let progress = progress::Progress::new(cli.global.json);
+    let mut registry = Registry::new();
+    layerpack_backend_snapshot::register_with_progress(&mut registry, Some(progress.callback()))?;
+    layerpack_backend_overlayfs::register(&mut registry)?;
+    layerpack_backend_fuse::register(&mut registry)?;
+    layerpack_backend_aufs::register(&mut registry)?;
+    let app = App {
+        global: cli.global,
+        config,
+        registry,
+        progress,
+    };
+    match cli.command {
+        Command::Init { package, opts } => app.init(&package, &opts).map(|_| ExitCode::SUCCESS),
+        Command::Final { package, opts } => app.finish(&package, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Run {
+            package,
+            init,
+            fin,
+            command,
+        } => app.run(&package, &init, &fin, &command),
+        Command::Abort { package } => app.abort(&package).map(|()| ExitCode::SUCCESS),
+        Command::Status => app.status().map(|()| ExitCode::SUCCESS),
+        Command::Backends => app.backends().map(|()| ExitCode::SUCCESS),
+        Command::Diff { before, after } => app.diff(&before, &after).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+fn print_line(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+fn path_json(p: &Path) -> Value {
+    to_json(p.as_os_str().as_encoded_bytes())
+}
+
+impl App {
+    fn context(&self) -> Result<ops::Context<'_>> {
+        let dir = self
+            .global
+            .state_dir
+            .clone()
+            .or_else(|| self.config.state_dir.clone())
+            .unwrap_or_else(StateDir::default_location);
+        Ok(ops::Context {
+            state: StateDir::open(&dir)?,
+            registry: &self.registry,
+            config: &self.config,
+        })
+    }
+
+    fn out_dir(&self, opts: &FinalOpts) -> Result<PathBuf> {
+        let out = opts
+            .out
+            .clone()
+            .or_else(|| self.config.out_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("."));
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create output directory {}", out.display()))?;
+        Ok(out)
+    }
+
+    fn init(&self, package: &str, opts: &InitOpts) -> Result<PathBuf> {
+        let ctx = self.context()?;
+        let _bar = self
+            .progress
+            .start(&format!("scanning {}", opts.root.display()));
+        let opened = ctx.init(
+            package,
+            &opts.root,
+            opts.backend.as_deref(),
+            opts.pkg_version.as_deref(),
+        )?;
+        drop(_bar);
+        let s = &opened.session;
+        for (name, why) in &opened.skipped {
+            if !self.global.json {
+                eprintln!("layerpack: auto: skipped {name}: {why}");
+            }
+        }
+        if self.global.json {
+            let skipped: Vec<Value> = opened
+                .skipped
+                .iter()
+                .map(|(n, w)| json!({"backend": n, "reason": w}))
+                .collect();
+            print_json(&json!({
+                "type": "init",
+                "package": s.package,
+                "backend": s.backend,
+                "root": path_json(&s.base),
+                "merged": path_json(&s.merged),
+                "skipped": skipped,
+            }))?;
+        } else {
+            let mut out = std::io::stdout().lock();
+            out.write_all(s.merged.as_os_str().as_encoded_bytes())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(s.merged.clone())
+    }
+
+    fn finish(&self, package: &str, opts: &FinalOpts) -> Result<()> {
+        let ctx = self.context()?;
+        let out = self.out_dir(opts)?;
+        let how = if opts.keep {
+            Finish::Keep
+        } else if opts.discard {
+            Finish::Discard
+        } else {
+            Finish::MoveDown
+        };
+        let copts = ChangeOptions {
+            hash_all: opts.hash_all || self.config.hash_all,
+        };
+        let mut written: Vec<PathBuf> = Vec::new();
+        let bar = self
+            .progress
+            .start(&format!("reading the layer of {package}"));
+        let done = ctx.finish(package, how, &copts, |s, cs| {
+            let path = manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs)
+                .map_err(core_err)?;
+            written.push(path);
+            let unlisted = manifest::update_file_list(&out, &s.package, cs).map_err(core_err)?;
+            for p in unlisted {
+                eprintln!(
+                    "layerpack: warning: {p:?} has a newline in its name; it is in {package}.changes.json but not in packages-file-list.txt"
+                );
+            }
+            written.push(out.join("packages-file-list.txt"));
+            Ok(())
+        })?;
+        drop(bar);
+        let what = match (&done.changes, how) {
+            (None, _) => "resumed an interrupted fold; finished",
+            (Some(_), Finish::Keep) => "layer kept; session still open",
+            (Some(_), Finish::Discard) => "layer discarded",
+            (Some(_), Finish::MoveDown) => "layer folded into the root",
+        };
+        if self.global.json {
+            print_json(&json!({
+                "type": "final",
+                "package": package,
+                "backend": done.session.backend,
+                "summary": done.changes.as_ref().map(manifest::summary),
+                "outputs": written.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
+                "result": what,
+            }))?;
+        } else {
+            if let Some(cs) = &done.changes {
+                let s = manifest::summary(cs);
+                eprintln!(
+                    "layerpack: {package}: {} added, {} modified, {} metadata only, {} deleted",
+                    s["added"], s["modified"], s["metadata_only"], s["deleted"]
+                );
+            }
+            for p in &written {
+                print_line(&p.display().to_string())?;
+            }
+            eprintln!("layerpack: {package}: {what}");
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        package: &str,
+        init: &InitOpts,
+        fin: &FinalOpts,
+        command: &[OsString],
+    ) -> Result<ExitCode> {
+        let merged = {
+            let ctx = self.context()?;
+            let _bar = self
+                .progress
+                .start(&format!("scanning {}", init.root.display()));
+            let opened = ctx.init(
+                package,
+                &init.root,
+                init.backend.as_deref(),
+                init.pkg_version.as_deref(),
+            )?;
+            for (name, why) in &opened.skipped {
+                eprintln!("layerpack: auto: skipped {name}: {why}");
+            }
+            opened.session.merged
+        };
+        let (prog, args) = command
+            .split_first()
+            .ok_or_else(|| anyhow!("no command given after --"))?;
+        let status = std::process::Command::new(prog)
+            .args(args)
+            .env("LAYERPACK_ROOT", &merged)
+            .env("LAYERPACK_PACKAGE", package)
+            .status();
+        let code = match status {
+            Ok(s) if s.success() => return self.finish(package, fin).map(|()| ExitCode::SUCCESS),
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                s.code()
+                    .or_else(|| s.signal().map(|sig| 128 + sig))
+                    .unwrap_or(1)
+            }
+            Err(e) => {
+                eprintln!(
+                    "layerpack: error: cannot run {}: {e}",
+                    Path::new(prog).display()
+                );
+                127
+            }
+        };
+        self.after_failed_command(package, code)?;
+        Ok(ExitCode::from(code.clamp(1, 255) as u8))
+    }
+
+    /// The install failed: discard the layer where the backend can, keep
+    /// it (and say what it holds) otherwise.
+    fn after_failed_command(&self, package: &str, code: i32) -> Result<()> {
+        let ctx = self.context()?;
+        let (s, backend) = ctx.open(package)?;
+        if backend.capabilities().can_discard {
+            ctx.abort(package)?;
+            eprintln!(
+                "layerpack: {package}: command failed (status {code}); layer discarded, {} is as before",
+                s.base.display()
+            );
+        } else {
+            let (_, cs) = ctx.changes(package, &ChangeOptions::default())?;
+            eprintln!(
+                "layerpack: {package}: command failed (status {code}); backend '{}' cannot discard, so the layer is kept: {} changes so far in {}",
+                s.backend,
+                cs.len(),
+                s.base.display()
+            );
+            for c in cs.changes().iter().take(20) {
+                eprintln!("  {} {}", c.kind.symbol(), c.path);
+            }
+            if cs.len() > 20 {
+                eprintln!("  ... and {} more", cs.len() - 20);
+            }
+            eprintln!(
+                "layerpack: run `layerpack final {package}` to package it or `layerpack abort {package}` to drop the session"
+            );
+        }
+        Ok(())
+    }
+
+    fn abort(&self, package: &str) -> Result<()> {
+        let ctx = self.context()?;
+        let a = ctx.abort(package)?;
+        if self.global.json {
+            print_json(
+                &json!({"type": "abort", "package": package, "backend": a.backend, "restored": a.restored}),
+            )?;
+        } else if a.restored {
+            eprintln!("layerpack: {package}: session dropped; layer discarded, the root is as before init");
+        } else {
+            eprintln!(
+                "layerpack: {package}: session dropped; what the install wrote stays in the root"
+            );
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Result<()> {
+        let ctx = self.context()?;
+        let sessions = ctx.state.list()?;
+        if sessions.is_empty() && !self.global.json {
+            eprintln!(
+                "layerpack: no open sessions in {}",
+                ctx.state.path().display()
+            );
+        }
+        for (name, loaded) in sessions {
+            let (obj, line) = match loaded {
+                Ok(s) => {
+                    let health = match ctx.backend(&s.backend) {
+                        Ok(b) => match b.health(&ctx.state.spec(&s)) {
+                            layerpack_core::backend::Health::Ok => "ok".to_string(),
+                            layerpack_core::backend::Health::Stale(w) => format!("stale: {w}"),
+                        },
+                        Err(e) => format!("backend unavailable: {e}"),
+                    };
+                    let line = format!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        s.package,
+                        s.backend,
+                        s.phase.as_str(),
+                        s.base.display(),
+                        health
+                    );
+                    (
+                        json!({"type": "session", "package": s.package, "backend": s.backend,
+                               "phase": s.phase.as_str(), "root": path_json(&s.base),
+                               "merged": path_json(&s.merged), "health": health}),
+                        line,
+                    )
+                }
+                Err(e) => (
+                    json!({"type": "session", "package": name, "error": e.to_string(), "kind": e.kind().as_str()}),
+                    format!("{name}\t?\tbroken\t-\t{e}"),
+                ),
+            };
+            if self.global.json {
+                print_json(&obj)?;
+            } else {
+                print_line(&line)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn backends(&self) -> Result<()> {
+        for name in self.registry.names() {
+            let b = self
+                .registry
+                .create(name, &self.config.backend_config(name));
+            let origin = match self.registry.origin(name) {
+                Some(Origin::Plugin { path, abi }) => {
+                    format!("plugin {} (ABI {abi})", path.display())
+                }
+                _ => "built-in".to_string(),
+            };
+            let (probe, caps) = match &b {
+                Ok(b) => (b.probe(), Some(b.capabilities())),
+                Err(e) => (
+                    layerpack_core::backend::Probe::Unavailable(e.to_string()),
+                    None,
+                ),
+            };
+            if self.global.json {
+                let caps: serde_json::Map<String, Value> = caps
+                    .map(|c| {
+                        c.list()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), Value::Bool(*v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_json(&json!({"type": "backend", "name": name, "origin": origin,
+                    "available": probe.is_available(), "reason": probe.reason(), "capabilities": caps}))?;
+            } else {
+                let state = match probe.reason() {
+                    None => "available".to_string(),
+                    Some(r) => format!("unavailable: {r}"),
+                };
+                let caps = caps
+                    .map(|c| {
+                        c.list()
+                            .iter()
+                            .filter(|(_, v)| *v)
+                            .map(|(k, _)| *k)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                print_line(&format!("{name:<10} {origin:<9} {state}"))?;
+                if !caps.is_empty() {
+                    print_line(&format!("{:<10} {:<9} capabilities: {caps}", "", ""))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn diff(&self, before: &Path, after: &Path) -> Result<()> {
+        for p in [before, after] {
+            if !p.is_dir() {
+                bail!("{} is not a directory", p.display());
+            }
+        }
+        let _bar = self.progress.start("comparing trees");
+        let cs = layerpack_core::tree::diff_trees(before, after, &ScanOptions::default())?;
+        drop(_bar);
+        for c in cs.changes() {
+            if self.global.json {
+                print_json(&manifest::change_json(c))?;
+            } else {
+                print_line(&format!("{} {}", c.kind.symbol(), c.path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Carry an output error through the core's error type.
+fn core_err(e: anyhow::Error) -> layerpack_core::Error {
+    layerpack_core::Error::new(layerpack_core::ErrorKind::Io, format!("{e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -75,9 +75,6 @@ impl Context<'_> {
         validate_package_name(pkg)?;
         let base = check_root(root)?;
         self.state.check_outside(&base)?;
-        let _pkg_lock = self.state.lock_package(pkg)?;
-        let _all = self.state.lock_all()?;
-
         let choice = choice
             .or(self.config.backend.as_deref())
             .unwrap_or("snapshot");
@@ -93,6 +90,8 @@ impl Context<'_> {
             ));
         }
 
+        let _pkg_lock = self.state.lock_package(pkg)?;
+        let _all = self.state.lock_all()?;
         if self.state.exists(pkg) {
             self.clear_unfinished_init(pkg)?;
         }

@@ -103,16 +103,22 @@ pub struct LockGuard {
 }
 
 impl StateDir {
-    /// Use (and create, mode 0700) the state directory at `root`.
+    /// The state directory at `root`. Nothing is created until a session
+    /// needs it, so a state directory that `init` then refuses (inside the
+    /// root) never touches the root.
     pub fn open(root: &Path) -> Result<StateDir> {
+        Ok(StateDir {
+            root: resolve_lexically(root)?,
+        })
+    }
+
+    /// Create the directory (mode 0700) if it does not exist yet.
+    pub fn ensure(&self) -> Result<()> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(root.join("sessions"))
-            .map_err(|e| Error::io(root, "cannot create the state directory", e))?;
-        let root = fs::canonicalize(root)
-            .map_err(|e| Error::io(root, "cannot resolve the state directory", e))?;
-        Ok(StateDir { root })
+            .create(self.root.join("sessions"))
+            .map_err(|e| Error::io(&self.root, "cannot create the state directory", e))
     }
 
     /// The default location: `$LAYERPACK_STATE_DIR`, else
@@ -186,6 +192,7 @@ impl StateDir {
     }
 
     fn lock(&self, path: PathBuf, wait: bool, who: &str) -> Result<LockGuard> {
+        self.ensure()?;
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -301,7 +308,11 @@ impl StateDir {
     pub fn list(&self) -> Result<Vec<(String, Result<SessionFile>)>> {
         let dir = self.root.join("sessions");
         let mut out = Vec::new();
-        let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, "cannot list sessions", e))?;
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&dir, "cannot list sessions", e)),
+        };
         for ent in rd {
             let ent = ent.map_err(|e| Error::io(&dir, "cannot list sessions", e))?;
             if !ent.path().is_dir() {
@@ -315,6 +326,37 @@ impl StateDir {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+}
+
+/// An absolute path with symlinks resolved for the part that exists: the
+/// longest existing ancestor is canonicalized and the rest appended.
+fn resolve_lexically(path: &Path) -> Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io(path, "cannot resolve the current directory", e))?
+            .join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        match fs::canonicalize(cur) {
+            Ok(mut c) => {
+                for comp in rest.iter().rev() {
+                    c.push(comp);
+                }
+                return Ok(c);
+            }
+            Err(_) => match (cur.parent(), cur.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    cur = parent;
+                }
+                _ => return Ok(abs),
+            },
+        }
     }
 }
 

@@ -23,3 +23,34 @@ pub fn required_backends() -> Vec<String> {
         .filter(|s| !s.is_empty())
         .collect()
 }
+
+/// The `layerpack` binary of this workspace: `$LAYERPACK_BIN`, or the one
+/// next to the test executable (built with `cargo build -p layerpack` if it
+/// is not there yet).
+pub fn layerpack_bin() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("LAYERPACK_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/layerpack
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target directory");
+        let bin = profile_dir.join("layerpack");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "layerpack", "--bin", "layerpack"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p layerpack failed");
+        bin
+    })
+    .clone()
+}

@@ -3,6 +3,8 @@
 //! reported as ignored with the reason (printed before the run); for a
 //! backend named in `LAYERPACK_REQUIRE` that is a failure instead.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

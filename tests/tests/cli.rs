@@ -1,0 +1,466 @@
+//! End-to-end tests of the `layerpack` binary: the command-line contract
+//! of DESIGN.md, exit codes, outputs, and bad input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use layerpack_tests::layerpack_bin;
+use serde_json::Value;
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Env {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("root")).unwrap();
+        fs::create_dir_all(dir.join("out")).unwrap();
+        Env { dir }
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(layerpack_bin());
+        c.current_dir(self.out())
+            .env("LAYERPACK_STATE_DIR", self.dir.join("state"))
+            .env_remove("LAYERPACK_CONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn session_count(e: &Env) -> usize {
+    fs::read_dir(e.dir.join("state/sessions"))
+        .map(|d| {
+            d.filter(|x| x.as_ref().is_ok_and(|x| x.path().is_dir()))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn root_arg(e: &Env) -> String {
+    e.root().to_str().unwrap().to_string()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+}
+
+fn tree_listing(root: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            let len = e.metadata().unwrap().len();
+            v.push(format!("{} {len}", e.path().display()));
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn run_hello_writes_manifest_and_file_list() {
+    let e = Env::new("hello");
+    let o = e.run(&[
+        "run",
+        "hello",
+        "--root",
+        &root_arg(&e),
+        "--",
+        "sh",
+        "-c",
+        r#"mkdir -p "$LAYERPACK_ROOT/usr/bin" && echo hi > "$LAYERPACK_ROOT/usr/bin/hello" && test "$LAYERPACK_PACKAGE" = hello"#,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc = read_json(&e.out().join("hello.changes.json"));
+    let changes = doc["changes"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|c| (c["path"].as_str().unwrap(), c["change"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("usr", "added"),
+            ("usr/bin", "added"),
+            ("usr/bin/hello", "added")
+        ]
+    );
+    assert_eq!(
+        changes[2]["sha256"],
+        "98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"
+    );
+    assert_eq!(changes[2]["type"], "file");
+    assert_eq!(changes[0]["type"], "dir");
+    let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
+    assert_eq!(list, "hello,./usr/bin/hello\n");
+}
+
+#[test]
+fn init_and_final_survive_a_killed_install() {
+    let e = Env::new("kill");
+    let o = e.run(&["init", "pkg", "--root", &root_arg(&e)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let merged = String::from_utf8(o.stdout).unwrap().trim_end().to_string();
+    assert_eq!(Path::new(&merged), fs::canonicalize(e.root()).unwrap());
+    let mut install = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "mkdir -p '{merged}/opt' && echo partial > '{merged}/opt/f' && touch '{merged}/ready' && sleep 60"
+        ))
+        .spawn()
+        .unwrap();
+    while !e.root().join("ready").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    install.kill().unwrap(); // SIGKILL
+    install.wait().unwrap();
+    let o = e.run(&["--json", "final", "pkg"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["type"], "final");
+    assert_eq!(line["summary"]["added"], 3);
+    // The session is gone: a second final fails cleanly.
+    let o = e.run(&["final", "pkg"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("no open session"), "{}", stderr(&o));
+}
+
+#[test]
+fn failed_command_exits_with_its_status_and_keeps_the_layer() {
+    let e = Env::new("fail");
+    fs::create_dir(e.root().join("opt")).unwrap();
+    let o = e.run(&[
+        "run",
+        "broken",
+        "--root",
+        &root_arg(&e),
+        "--",
+        "sh",
+        "-c",
+        r#"for f in f1 f2 f3; do echo $f > "$LAYERPACK_ROOT/opt/$f"; done; exit 3"#,
+    ]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("cannot discard"), "{err}");
+    assert!(err.contains("3 changes"), "{err}");
+    for f in ["opt/f1", "opt/f2", "opt/f3"] {
+        assert!(err.contains(f), "{err}");
+    }
+    assert!(!e.out().join("broken.changes.json").exists());
+    let o = e.run(&["status"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("broken\tsnapshot\topen"));
+    let o = e.run(&["final", "broken"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc = read_json(&e.out().join("broken.changes.json"));
+    assert_eq!(doc["changes"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn missing_command_is_status_127_and_the_session_is_kept() {
+    let e = Env::new("nocmd");
+    let o = e.run(&[
+        "run",
+        "p",
+        "--root",
+        &root_arg(&e),
+        "--",
+        "/nonexistent/cmd",
+    ]);
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/cmd"));
+    assert_eq!(code(&e.run(&["abort", "p"])), 0);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let e = Env::new("usage");
+    for args in [
+        vec!["init", "a/b", "--root", "x"],
+        vec!["init", "..", "--root", "x"],
+        vec!["final", "../x"],
+        vec!["init", "p"],
+        vec!["frobnicate"],
+        vec!["run", "p", "--root", "x"],
+        vec!["final", "p", "--keep", "--discard"],
+    ] {
+        let o = e.run(&args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(session_count(&e), 0);
+}
+
+#[test]
+fn bad_roots_exit_1_and_name_the_path() {
+    let e = Env::new("roots");
+    fs::write(e.dir.join("file"), b"x").unwrap();
+    for (root, what) in [
+        (e.dir.join("missing"), "missing"),
+        (e.dir.join("file"), "not a directory"),
+    ] {
+        let o = e.run(&["init", "p", "--root", root.to_str().unwrap()]);
+        assert_eq!(code(&o), 1);
+        let err = stderr(&o);
+        assert!(
+            err.contains(root.to_str().unwrap()) && err.contains(what) || err.contains("missing"),
+            "{err}"
+        );
+    }
+    assert_eq!(session_count(&e), 0);
+}
+
+#[test]
+fn unreadable_root_exits_1() {
+    let e = Env::new("unreadable");
+    let locked = e.dir.join("locked");
+    fs::create_dir(&locked).unwrap();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let state = e.dir.join("state-nobody");
+    fs::create_dir(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = e.cmd();
+    cmd.args(["init", "p", "--root", locked.to_str().unwrap()])
+        .env("LAYERPACK_STATE_DIR", &state)
+        .current_dir("/");
+    if nix::unistd::geteuid().is_root() {
+        // Root reads anything: check as an unprivileged user.
+        use std::os::unix::process::CommandExt;
+        fs::set_permissions(&e.dir, fs::Permissions::from_mode(0o755)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+    let o = cmd.output().unwrap();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("locked"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ermission denied"), "{}", stderr(&o));
+}
+
+#[test]
+fn second_init_and_final_without_init_exit_1() {
+    let e = Env::new("twice");
+    assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
+    let o = e.run(&["init", "p", "--root", &root_arg(&e)]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("already has an open session"),
+        "{}",
+        stderr(&o)
+    );
+    let o = e.run(&["final", "q"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("layerpack init q"), "{}", stderr(&o));
+    assert_eq!(code(&e.run(&["abort", "p"])), 0);
+}
+
+#[test]
+fn corrupt_session_exits_1_and_abort_recovers() {
+    let e = Env::new("corrupt");
+    assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
+    let file = e.dir.join("state/sessions/p/session.json");
+    let text = fs::read(&file).unwrap();
+    fs::write(&file, &text[..text.len() / 3]).unwrap();
+    let before = tree_listing(&e.root());
+    let o = e.run(&["final", "p"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("session.json"), "{}", stderr(&o));
+    assert_eq!(tree_listing(&e.root()), before);
+    assert!(!e.out().join("p.changes.json").exists());
+    let o = e.run(&["--json", "status"]);
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["kind"], "corrupt");
+    assert_eq!(code(&e.run(&["abort", "p"])), 0);
+    assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    let e = Env::new("config");
+    let cfg = e.dir.join("layerpack.toml");
+    fs::write(&cfg, "backend = \"snapshot\"\n\nhash_everything = true\n").unwrap();
+    let o = e.run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "init",
+        "p",
+        "--root",
+        &root_arg(&e),
+    ]);
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(err.contains("layerpack.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("hash_everything"), "{err}");
+    fs::write(&cfg, "[backends.snapshot]\nracy = 1\n").unwrap();
+    let o = e.run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "init",
+        "p",
+        "--root",
+        &root_arg(&e),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("racy"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[backends.snapshot]"), "{}", stderr(&o));
+    let o = e.run(&["--config", "/nonexistent.toml", "status"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("/nonexistent.toml"));
+    assert_eq!(session_count(&e), 0);
+}
+
+#[test]
+fn example_config_is_valid() {
+    let e = Env::new("example");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../layerpack.toml.example");
+    let o = e.run(&["--config", example.to_str().unwrap(), "backends"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_backend_lists_known_ones() {
+    let e = Env::new("backend");
+    let o = e.run(&["init", "p", "--root", &root_arg(&e), "--backend", "zfs"]);
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(err.contains("unknown backend 'zfs'"), "{err}");
+    assert!(err.contains("snapshot, overlayfs, fuse, aufs"), "{err}");
+}
+
+#[test]
+fn backends_lists_every_backend_with_a_reason() {
+    let e = Env::new("backends");
+    let o = e.run(&["--json", "backends"]);
+    assert_eq!(code(&o), 0);
+    let lines: Vec<Value> = o
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["snapshot", "overlayfs", "fuse", "aufs"]);
+    assert_eq!(lines[0]["available"], true);
+    for l in &lines {
+        if l["available"] == false {
+            assert!(!l["reason"].as_str().unwrap().is_empty());
+        }
+    }
+}
+
+#[test]
+fn diff_reports_changes_between_two_trees() {
+    let e = Env::new("diff");
+    let (a, b) = (e.dir.join("a"), e.dir.join("b"));
+    fs::create_dir_all(a.join("etc")).unwrap();
+    fs::create_dir_all(b.join("etc")).unwrap();
+    fs::write(a.join("etc/same"), b"x").unwrap();
+    fs::write(b.join("etc/same"), b"x").unwrap();
+    let t = fs::metadata(a.join("etc/same"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    fs::File::options()
+        .write(true)
+        .open(b.join("etc/same"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    fs::write(a.join("etc/gone"), b"g").unwrap();
+    fs::write(b.join("etc/new"), b"n").unwrap();
+    let o = e.run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        "- etc/gone\n+ etc/new\n"
+    );
+    let o = e.run(&["--json", "diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let first: Value =
+        serde_json::from_slice(o.stdout.split(|c| *c == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first["change"], "deleted");
+}
+
+#[test]
+fn non_utf8_paths_are_exact_in_the_manifest() {
+    use std::os::unix::ffi::OsStrExt;
+    let e = Env::new("bytes");
+    let o = e.run(&[
+        "run",
+        "bytes",
+        "--root",
+        &root_arg(&e),
+        "--",
+        "sh",
+        "-c",
+        r#"printf x > "$LAYERPACK_ROOT/$(printf 'a\377b')"; printf y > "$LAYERPACK_ROOT/$(printf 'new\nline')""#,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc = read_json(&e.out().join("bytes.changes.json"));
+    let paths: Vec<Vec<u8>> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| layerpack_core::jsonbytes::from_json(&c["path"]).unwrap())
+        .collect();
+    assert_eq!(paths, [b"a\xffb".to_vec(), b"new\nline".to_vec()]);
+    assert!(fs::symlink_metadata(e.root().join(std::ffi::OsStr::from_bytes(b"a\xffb"))).is_ok());
+    let list = fs::read(e.out().join("packages-file-list.txt")).unwrap();
+    assert_eq!(list, b"bytes,./a\xffb\n");
+    assert!(stderr(&o).contains("newline"), "{}", stderr(&o));
+}
+
+#[test]
+fn file_list_replaces_a_packages_old_lines() {
+    let e = Env::new("filelist");
+    fs::write(
+        e.out().join("packages-file-list.txt"),
+        "other,./x\np,./stale\n",
+    )
+    .unwrap();
+    let o = e.run(&[
+        "run",
+        "p",
+        "--root",
+        &root_arg(&e),
+        "--",
+        "sh",
+        "-c",
+        r#"echo > "$LAYERPACK_ROOT/f""#,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
+    assert_eq!(list, "other,./x\np,./f\n");
+}
