@@ -7,7 +7,7 @@
 //! index); it is written and read as a stream, never held in memory.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use layerpack_core::model::{FileKind, RelPath};
@@ -200,8 +200,7 @@ impl IndexWriter {
 /// Reads an index back as a stream of records. The last item is an error
 /// if the file is truncated or does not match its checksum.
 pub struct IndexReader {
-    input: BufReader<File>,
-    hash: Sha256,
+    input: Input,
     prev: Vec<u8>,
     count: u64,
     path: PathBuf,
@@ -210,13 +209,68 @@ pub struct IndexReader {
     pub header: Header,
 }
 
+/// A read buffer that hashes the file body (all but the trailing 32-byte
+/// digest) as it is read, a chunk at a time.
+struct Input {
+    file: File,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// File offset of `buf[end]`.
+    read_to: u64,
+    /// Bytes covered by the digest.
+    body_len: u64,
+    hash: Sha256,
+}
+
+impl Input {
+    /// Make at least `need` bytes available; false at end of file.
+    fn fill(&mut self, need: usize) -> std::io::Result<bool> {
+        if self.end - self.pos >= need {
+            return Ok(true);
+        }
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.end -= self.pos;
+        self.pos = 0;
+        if self.buf.len() < need {
+            self.buf.resize(need.next_power_of_two(), 0);
+        }
+        while self.end < need {
+            let n = self.file.read(&mut self.buf[self.end..])?;
+            if n == 0 {
+                return Ok(false);
+            }
+            let first = self.read_to;
+            let hashed_end = (first + n as u64).min(self.body_len);
+            if hashed_end > first {
+                let len = (hashed_end - first) as usize;
+                self.hash.update(&self.buf[self.end..self.end + len]);
+            }
+            self.read_to += n as u64;
+            self.end += n;
+        }
+        Ok(true)
+    }
+}
+
 impl IndexReader {
     /// Open `path` and read its header.
     pub fn open(path: &Path) -> Result<IndexReader> {
         let f = File::open(path).map_err(|e| Error::io(path, "cannot open snapshot index", e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io(path, "cannot open snapshot index", e))?
+            .len();
         let mut r = IndexReader {
-            input: BufReader::with_capacity(256 * 1024, f),
-            hash: Sha256::new(),
+            input: Input {
+                file: f,
+                buf: vec![0u8; 256 * 1024],
+                pos: 0,
+                end: 0,
+                read_to: 0,
+                body_len: len.saturating_sub(32),
+                hash: Sha256::new(),
+            },
             prev: Vec::new(),
             count: 0,
             path: path.to_path_buf(),
@@ -253,18 +307,33 @@ impl IndexReader {
         .with_path(&self.path)
     }
 
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.input
-            .read_exact(buf)
-            .map_err(|_| self.corrupt("unexpected end of file"))?;
-        self.hash.update(&*buf);
-        Ok(())
+    fn read_exact(&mut self, out: &mut [u8]) -> Result<()> {
+        match self.input.fill(out.len()) {
+            Ok(true) => {
+                let i = &mut self.input;
+                out.copy_from_slice(&i.buf[i.pos..i.pos + out.len()]);
+                i.pos += out.len();
+                Ok(())
+            }
+            Ok(false) => Err(self.corrupt("unexpected end of file")),
+            Err(e) => Err(Error::io(&self.path, "cannot read snapshot index", e)),
+        }
     }
 
     fn byte(&mut self) -> Result<u8> {
+        let i = &mut self.input;
+        if i.pos < i.end {
+            i.pos += 1;
+            return Ok(i.buf[i.pos - 1]);
+        }
         let mut b = [0u8];
         self.read_exact(&mut b)?;
         Ok(b[0])
+    }
+
+    /// File offset of the next unread byte.
+    fn offset(&self) -> u64 {
+        self.input.read_to - (self.input.end - self.input.pos) as u64
     }
 
     fn varint(&mut self) -> Result<u64> {
@@ -299,11 +368,12 @@ impl IndexReader {
             TAG_RECORD => {}
             TAG_END => {
                 let count = self.varint()?;
-                let expect: [u8; 32] = self.hash.clone().finalize().into();
+                if self.offset() != self.input.body_len {
+                    return Err(self.corrupt("trailer is not at the end"));
+                }
                 let mut got = [0u8; 32];
-                self.input
-                    .read_exact(&mut got)
-                    .map_err(|_| self.corrupt("unexpected end of file"))?;
+                self.read_exact(&mut got)?;
+                let expect: [u8; 32] = self.input.hash.clone().finalize().into();
                 if count != self.count || got != expect {
                     return Err(self.corrupt("checksum mismatch"));
                 }
@@ -352,7 +422,7 @@ impl IndexReader {
         };
         self.count += 1;
         Ok(Some(Record {
-            path: RelPath::from_bytes(&self.prev),
+            path: RelPath::from_normalized(self.prev.clone()),
             kind,
             mode,
             uid,

@@ -25,8 +25,8 @@ use layerpack_core::config::BackendConfig;
 use layerpack_core::model::{ChangeSet, FileKind};
 use layerpack_core::registry::{Origin, Registry};
 use layerpack_core::tree::{
-    classify_by_stat, diff_streams, hash_file, meta_differs, Progress, Record, ScanOptions,
-    TreeScan, Verdict,
+    classify_by_stat, diff_streams, hash_file, meta_differs, read_xattrs, Progress, Record,
+    ScanOptions, TreeScan, Verdict,
 };
 use layerpack_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
@@ -51,6 +51,8 @@ pub struct SnapshotConfig {
     /// a content hash. 2000 ms covers FAT's 2 s timestamps and coarse
     /// kernel clocks.
     pub racy_window_ms: u64,
+    /// Helper threads for scanning; 0 means one per core (at most 4).
+    pub scan_threads: usize,
 }
 
 impl Default for SnapshotConfig {
@@ -59,6 +61,7 @@ impl Default for SnapshotConfig {
             hash_all: false,
             xattrs: true,
             racy_window_ms: 2000,
+            scan_threads: 0,
         }
     }
 }
@@ -89,6 +92,10 @@ impl SnapshotBackend {
             xattrs: self.cfg.xattrs,
             one_file_system: true,
             progress: self.progress.clone(),
+            threads: match self.cfg.scan_threads {
+                0 => layerpack_core::tree::default_scan_threads(),
+                n => n,
+            },
         }
     }
 
@@ -179,15 +186,42 @@ impl LayerBackend for SnapshotBackend {
 
     fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet> {
         let old = IndexReader::open(&Self::index_path(spec))?;
-        let new = TreeScan::start(&spec.base, self.scan_options())?;
-        let base = spec.base.clone();
+        // xattrs are read only for entries that were touched: listing them
+        // for every entry would double the cost of the scan.
+        let new = TreeScan::start(
+            &spec.base,
+            ScanOptions {
+                xattrs: false,
+                ..self.scan_options()
+            },
+        )?;
+        let base = spec.base.as_path();
         let hash_new = opts.hash_all;
-        diff_streams(old, new, &spec.base, |o, n| {
-            if let Some(v) = classify_by_stat(o, n) {
-                return Ok(v);
-            }
-            decide_same_size_and_mtime(o, n, hash_new, &base)
-        })
+        let xattrs = self.cfg.xattrs;
+        diff_streams(
+            old,
+            new,
+            base,
+            |o, n| {
+                let touched = o.ctime_ns != n.ctime_ns || o.ino != n.ino || o.dev != n.dev;
+                n.xattrs = if xattrs && touched {
+                    read_xattrs(&n.path.under(base))?
+                } else {
+                    // ctime unchanged: the xattrs are what they were.
+                    o.xattrs.clone()
+                };
+                if let Some(v) = classify_by_stat(o, n) {
+                    return Ok(v);
+                }
+                decide_same_size_and_mtime(o, n, hash_new, base)
+            },
+            |n| {
+                if xattrs {
+                    n.xattrs = read_xattrs(&n.path.under(base))?;
+                }
+                Ok(())
+            },
+        )
     }
 
     fn move_down(&self, _spec: &SessionSpec) -> Result<()> {

@@ -35,6 +35,13 @@ impl RelPath {
         RelPath(out)
     }
 
+    /// Wrap bytes that are already in normal form (no leading, trailing or
+    /// doubled `/`), e.g. read back from an index this program wrote.
+    pub fn from_normalized(bytes: Vec<u8>) -> RelPath {
+        debug_assert_eq!(RelPath::from_bytes(&bytes).0, bytes);
+        RelPath(bytes)
+    }
+
     /// The raw bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

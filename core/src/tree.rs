@@ -7,13 +7,13 @@
 //! widest directory rather than the size of the tree.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -60,22 +60,25 @@ impl Record {
     /// and link target.
     pub fn read(abs: &Path, path: RelPath, with_xattrs: bool) -> Result<Record> {
         let md = fs::symlink_metadata(abs).map_err(|e| Error::io(abs, "cannot stat", e))?;
-        Record::from_metadata(abs, path, &md, with_xattrs)
+        Record::from_metadata(&|| abs.to_path_buf(), path, &md, with_xattrs)
     }
 
+    /// `abs` gives the entry's full path; it is only built when needed
+    /// (symlink targets, xattrs).
     fn from_metadata(
-        abs: &Path,
+        abs: &dyn Fn() -> PathBuf,
         path: RelPath,
         md: &fs::Metadata,
         with_xattrs: bool,
     ) -> Result<Record> {
         let kind = FileKind::from_mode(md.mode()).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidInput, "unknown file type").with_path(abs)
+            Error::new(ErrorKind::InvalidInput, "unknown file type").with_path(abs())
         })?;
         let link_target = if kind == FileKind::Symlink {
+            let abs = abs();
             Some(
-                fs::read_link(abs)
-                    .map_err(|e| Error::io(abs, "cannot read symlink", e))?
+                fs::read_link(&abs)
+                    .map_err(|e| Error::io(&abs, "cannot read symlink", e))?
                     .into_os_string()
                     .into_encoded_bytes(),
             )
@@ -83,7 +86,7 @@ impl Record {
             None
         };
         let xattrs = if with_xattrs {
-            read_xattrs(abs)?
+            read_xattrs(&abs())?
         } else {
             Xattrs::new()
         };
@@ -196,6 +199,9 @@ pub struct ScanOptions {
     pub xattrs: bool,
     /// Do not descend into directories on another filesystem.
     pub one_file_system: bool,
+    /// Helper threads that list directories ahead of the consumer (0: the
+    /// consumer lists everything itself).
+    pub threads: usize,
     /// Called every few thousand entries.
     pub progress: Option<Progress>,
 }
@@ -205,21 +211,71 @@ impl Default for ScanOptions {
         ScanOptions {
             xattrs: true,
             one_file_system: true,
+            threads: default_scan_threads(),
             progress: None,
         }
     }
 }
 
-const BATCH: usize = 512;
+/// One helper per core, at most 4: scanning is bound by `statx` in the
+/// kernel, which scales with cores until the dentry cache contends.
+pub fn default_scan_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().clamp(1, 4))
+        .unwrap_or(1)
+}
 
-/// An ordered scan of a tree, run on a helper thread so that reading the
-/// tree and consuming its entries overlap. Yields every entry below `root`
-/// (not `root` itself) in [`crate::model::path_cmp`] order. Dropping the
-/// iterator stops the walk.
+/// Listings done but not yet consumed, in entries, before helpers pause:
+/// bounds memory to roughly this many records (~150 bytes each).
+const MAX_BUFFERED: usize = 64 * 1024;
+
+struct Job {
+    id: u64,
+    abs: PathBuf,
+    rel: RelPath,
+}
+
+struct Listing {
+    records: Vec<Record>,
+    /// For each record, the job that lists it, if it is a directory to
+    /// descend into.
+    jobs: Vec<Option<u64>>,
+}
+
+#[derive(Default)]
+struct ScanState {
+    queue: std::collections::VecDeque<Job>,
+    next_id: u64,
+    done: HashMap<u64, Result<Listing>>,
+    buffered: usize,
+    running: std::collections::HashSet<u64>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<ScanState>,
+    work: Condvar,
+    finished: Condvar,
+    opts: ScanOptions,
+    root_dev: u64,
+}
+
+enum Frame {
+    Pending(u64),
+    Listing(std::iter::Zip<std::vec::IntoIter<Record>, std::vec::IntoIter<Option<u64>>>),
+}
+
+/// An ordered scan of a tree. Yields every entry below `root` (not `root`
+/// itself) in [`crate::model::path_cmp`] order, as a depth-first walk with
+/// sorted directories would; helper threads list and stat directories
+/// ahead of the consumer, which takes any listing it needs that no helper
+/// has started yet, so the scan never waits on a full buffer. Dropping the
+/// iterator stops the helpers.
 pub struct TreeScan {
-    rx: Receiver<Result<Vec<Record>>>,
-    batch: std::vec::IntoIter<Record>,
-    done: bool,
+    shared: Arc<Shared>,
+    stack: Vec<Frame>,
+    seen: u64,
+    failed: bool,
 }
 
 impl TreeScan {
@@ -232,117 +288,208 @@ impl TreeScan {
             );
         }
         fs::read_dir(root).map_err(|e| Error::io(root, "cannot list the root", e))?;
-        let (tx, rx) = sync_channel(8);
-        let root = root.to_path_buf();
-        std::thread::Builder::new()
-            .name("layerpack-scan".into())
-            .spawn(move || {
-                let mut w = Walker {
-                    opts,
-                    root_dev: md.dev(),
-                    batch: Vec::with_capacity(BATCH),
-                    seen: 0,
-                    tx,
-                };
-                let res = w.walk(&root, &RelPath::root());
-                let res = res.and_then(|()| w.flush());
-                if let Err(e) = res {
-                    let _ = w.tx.send(Err(e));
-                }
-            })
-            .map_err(|e| Error::io(std::path::Path::new("."), "cannot start scan thread", e))?;
+        let threads = opts.threads;
+        let mut state = ScanState {
+            next_id: 1,
+            ..ScanState::default()
+        };
+        state.queue.push_back(Job {
+            id: 0,
+            abs: root.to_path_buf(),
+            rel: RelPath::root(),
+        });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            finished: Condvar::new(),
+            opts,
+            root_dev: md.dev(),
+        });
+        for _ in 0..threads {
+            let sh = shared.clone();
+            std::thread::Builder::new()
+                .name("layerpack-scan".into())
+                .spawn(move || helper(&sh))
+                .map_err(|e| Error::io(root, "cannot start a scan thread", e))?;
+        }
         Ok(TreeScan {
-            rx,
-            batch: Vec::new().into_iter(),
-            done: false,
+            shared,
+            stack: vec![Frame::Pending(0)],
+            seen: 0,
+            failed: false,
         })
     }
+
+    /// The listing of job `id`: done by a helper, or listed here.
+    fn listing(&self, id: u64) -> Result<Listing> {
+        let sh = &self.shared;
+        let mut st = lock(&sh.state);
+        loop {
+            if let Some(l) = st.done.remove(&id) {
+                if let Ok(l) = &l {
+                    st.buffered -= l.records.len();
+                }
+                sh.work.notify_all();
+                return l;
+            }
+            if let Some(pos) = st.queue.iter().position(|j| j.id == id) {
+                let job = st.queue.remove(pos).expect("position is in range");
+                st.running.insert(id);
+                drop(st);
+                let listing = list_dir(sh, &job);
+                st = lock(&sh.state);
+                st.running.remove(&id);
+                return listing.map(|l| register(&mut st, sh, &job, l));
+            }
+            if !st.running.contains(&id) {
+                return Err(Error::new(ErrorKind::Io, "directory listing lost"));
+            }
+            st = sh.finished.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn lock(m: &Mutex<ScanState>) -> std::sync::MutexGuard<'_, ScanState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queue the subdirectories of a finished listing right at the front, so
+/// helpers work in the order the consumer will ask.
+fn register(st: &mut ScanState, sh: &Shared, job: &Job, mut l: Listing) -> Listing {
+    let mut sub = Vec::new();
+    for (i, r) in l.records.iter().enumerate() {
+        let descend = r.kind == FileKind::Dir && !(sh.opts.one_file_system && r.dev != sh.root_dev);
+        if descend {
+            let id = st.next_id;
+            st.next_id += 1;
+            l.jobs[i] = Some(id);
+            sub.push(Job {
+                id,
+                abs: job.abs.join(OsStr::from_bytes(r.path.file_name())),
+                rel: r.path.clone(),
+            });
+        }
+    }
+    for j in sub.into_iter().rev() {
+        st.queue.push_front(j);
+    }
+    if !l.jobs.iter().all(Option::is_none) {
+        sh.work.notify_all();
+    }
+    l
+}
+
+fn helper(sh: &Shared) {
+    let mut st = lock(&sh.state);
+    loop {
+        if st.stop {
+            return;
+        }
+        if st.buffered < MAX_BUFFERED {
+            if let Some(job) = st.queue.pop_front() {
+                st.running.insert(job.id);
+                drop(st);
+                let listing = list_dir(sh, &job);
+                st = lock(&sh.state);
+                st.running.remove(&job.id);
+                let listing = listing.map(|l| register(&mut st, sh, &job, l));
+                if let Ok(l) = &listing {
+                    st.buffered += l.records.len();
+                }
+                st.done.insert(job.id, listing);
+                sh.finished.notify_all();
+                continue;
+            }
+        }
+        st = sh.work.wait(st).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// List and stat one directory, sorted by name.
+fn list_dir(sh: &Shared, job: &Job) -> Result<Listing> {
+    let rd = match fs::read_dir(&job.abs) {
+        Ok(rd) => rd,
+        // Removed while we were looking: it is simply not there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !job.rel.is_root() => {
+            return Ok(Listing {
+                records: Vec::new(),
+                jobs: Vec::new(),
+            })
+        }
+        Err(e) => return Err(Error::io(&job.abs, "cannot list directory", e)),
+    };
+    let mut entries: Vec<(Vec<u8>, fs::DirEntry)> = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io(&job.abs, "cannot list directory", e))?;
+        entries.push((ent.file_name().into_encoded_bytes(), ent));
+    }
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut records = Vec::with_capacity(entries.len());
+    for (name, ent) in entries {
+        let md = match ent.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(ent.path(), "cannot stat", e)),
+        };
+        let path = job.rel.join(&name);
+        records.push(Record::from_metadata(
+            &|| ent.path(),
+            path,
+            &md,
+            sh.opts.xattrs,
+        )?);
+    }
+    let jobs = vec![None; records.len()];
+    Ok(Listing { records, jobs })
 }
 
 impl Iterator for TreeScan {
     type Item = Result<Record>;
     fn next(&mut self) -> Option<Result<Record>> {
+        if self.failed {
+            return None;
+        }
         loop {
-            if let Some(r) = self.batch.next() {
-                return Some(Ok(r));
-            }
-            if self.done {
-                return None;
-            }
-            match self.rx.recv() {
-                Ok(Ok(b)) => self.batch = b.into_iter(),
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Some(Err(e));
+            match self.stack.last_mut()? {
+                Frame::Pending(id) => {
+                    let id = *id;
+                    self.stack.pop();
+                    match self.listing(id) {
+                        Ok(l) => self
+                            .stack
+                            .push(Frame::Listing(l.records.into_iter().zip(l.jobs))),
+                        Err(e) => {
+                            self.failed = true;
+                            return Some(Err(e));
+                        }
+                    }
                 }
-                Err(_) => self.done = true,
+                Frame::Listing(it) => match it.next() {
+                    Some((rec, job)) => {
+                        if let Some(id) = job {
+                            self.stack.push(Frame::Pending(id));
+                        }
+                        self.seen += 1;
+                        if self.seen.is_multiple_of(4096) {
+                            if let Some(p) = &self.shared.opts.progress {
+                                p(self.seen);
+                            }
+                        }
+                        return Some(Ok(rec));
+                    }
+                    None => {
+                        self.stack.pop();
+                    }
+                },
             }
         }
     }
 }
 
-/// Marker error meaning "the consumer went away"; never shown.
-struct Stopped;
-
-struct Walker {
-    opts: ScanOptions,
-    root_dev: u64,
-    batch: Vec<Record>,
-    seen: u64,
-    tx: std::sync::mpsc::SyncSender<Result<Vec<Record>>>,
-}
-
-impl Walker {
-    fn flush(&mut self) -> Result<()> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let b = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
-        self.tx
-            .send(Ok(b))
-            .map_err(|_| Error::new(ErrorKind::Io, "scan consumer stopped"))
-    }
-
-    fn emit(&mut self, r: Record) -> std::result::Result<(), Stopped> {
-        self.batch.push(r);
-        self.seen += 1;
-        if self.batch.len() >= BATCH {
-            if let Some(p) = &self.opts.progress {
-                p(self.seen);
-            }
-            self.flush().map_err(|_| Stopped)?;
-        }
-        Ok(())
-    }
-
-    fn walk(&mut self, dir: &Path, rel: &RelPath) -> Result<()> {
-        let rd = fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list directory", e))?;
-        let mut entries: Vec<fs::DirEntry> = Vec::new();
-        for ent in rd {
-            entries.push(ent.map_err(|e| Error::io(dir, "cannot list directory", e))?);
-        }
-        entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
-        for ent in entries {
-            let abs = ent.path();
-            let md = match ent.metadata() {
-                Ok(m) => m,
-                // Removed while we were looking: it is simply not there.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(&abs, "cannot stat", e)),
-            };
-            let path = rel.join(ent.file_name().as_bytes());
-            let rec = Record::from_metadata(&abs, path, &md, self.opts.xattrs)?;
-            let descend = rec.kind == FileKind::Dir
-                && !(self.opts.one_file_system && rec.dev != self.root_dev);
-            let child_rel = descend.then(|| rec.path.clone());
-            if self.emit(rec).is_err() {
-                return Err(Error::new(ErrorKind::Io, "scan consumer stopped"));
-            }
-            if let Some(child_rel) = child_rel {
-                self.walk(&abs, &child_rel)?;
-            }
-        }
-        Ok(())
+impl Drop for TreeScan {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.work.notify_all();
     }
 }
 
@@ -402,13 +549,15 @@ pub fn classify_by_stat(old: &Record, new: &Record) -> Option<Verdict> {
 
 /// Merge two ordered entry streams into a change set.
 ///
-/// `decide` is asked about every path present in both; `new_root` is where
-/// the new entries live, for hashing files that are reported.
+/// `decide` is asked about every path present in both; `added` completes
+/// each record that is new (e.g. reads its xattrs); `new_root` is where the
+/// new entries live, for hashing files that are reported.
 pub fn diff_streams(
     old: impl Iterator<Item = Result<Record>>,
     new: impl Iterator<Item = Result<Record>>,
     new_root: &Path,
     mut decide: impl FnMut(&Record, &mut Record) -> Result<Verdict>,
+    mut added: impl FnMut(&mut Record) -> Result<()>,
 ) -> Result<ChangeSet> {
     let mut old = old.peekable();
     let mut new = new.peekable();
@@ -438,9 +587,10 @@ pub fn diff_streams(
                 continue;
             }
             std::cmp::Ordering::Greater => {
-                let Some(Ok(n)) = new.next() else {
+                let Some(Ok(mut n)) = new.next() else {
                     unreachable!()
                 };
+                added(&mut n)?;
                 (ChangeKind::Added, n)
             }
             std::cmp::Ordering::Equal => {
@@ -509,19 +659,121 @@ pub fn diff_trees(before: &Path, after: &Path, opts: &ScanOptions) -> Result<Cha
     let old = TreeScan::start(before, opts.clone())?;
     let new = TreeScan::start(after, opts.clone())?;
     let before: PathBuf = before.to_path_buf();
-    diff_streams(old, new, after, |o, n| {
-        if let Some(v) = classify_by_stat(o, n) {
-            return Ok(v);
+    diff_streams(
+        old,
+        new,
+        after,
+        |o, n| {
+            if let Some(v) = classify_by_stat(o, n) {
+                return Ok(v);
+            }
+            let old_hash = hash_file(&o.path.under(&before))?;
+            let new_hash = hash_file(&n.path.under(after))?;
+            n.sha256 = Some(new_hash);
+            Ok(if old_hash != new_hash {
+                Verdict::Content
+            } else if meta_differs(o, n) {
+                Verdict::Metadata
+            } else {
+                Verdict::Same
+            })
+        },
+        |_| Ok(()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(tag: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("lp-tree-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["a", "a.b", "a-c", "a/x", "a/x/y", "b", "b/deep/er/est"] {
+            fs::create_dir_all(root.join(d)).unwrap();
         }
-        let old_hash = hash_file(&o.path.under(&before))?;
-        let new_hash = hash_file(&n.path.under(after))?;
-        n.sha256 = Some(new_hash);
-        Ok(if old_hash != new_hash {
-            Verdict::Content
-        } else if meta_differs(o, n) {
-            Verdict::Metadata
-        } else {
-            Verdict::Same
-        })
-    })
+        for i in 0..300 {
+            fs::write(root.join(format!("b/deep/f{i:03}")), b"x").unwrap();
+        }
+        fs::write(root.join("a/x/y/file"), b"y").unwrap();
+        std::os::unix::fs::symlink("../b", root.join("a/link")).unwrap();
+        root
+    }
+
+    #[test]
+    fn scan_order_is_depth_first_and_the_same_for_any_thread_count() {
+        let root = tree("order");
+        let mut expected: Option<Vec<RelPath>> = None;
+        for threads in [0, 1, 2, 4] {
+            let opts = ScanOptions {
+                threads,
+                ..ScanOptions::default()
+            };
+            let got: Vec<RelPath> = TreeScan::start(&root, opts)
+                .unwrap()
+                .map(|r| r.unwrap().path)
+                .collect();
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(got, sorted, "threads={threads}");
+            assert_eq!(got.len(), 9 + 300 + 2, "threads={threads}");
+            if let Some(e) = &expected {
+                assert_eq!(&got, e);
+            }
+            expected = Some(got);
+        }
+        let link = TreeScan::start(&root, ScanOptions::default())
+            .unwrap()
+            .map(|r| r.unwrap())
+            .find(|r| r.path.as_bytes() == b"a/link")
+            .unwrap();
+        assert_eq!(link.link_target.as_deref(), Some(&b"../b"[..]));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn dropping_a_scan_early_stops_it() {
+        let root = tree("drop");
+        let mut scan = TreeScan::start(&root, ScanOptions::default()).unwrap();
+        assert!(scan.next().is_some());
+        drop(scan);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn diff_of_two_trees_follows_the_change_rules() {
+        let a = tree("diff-a");
+        let b = tree("diff-b");
+        crate::scenarios::backdate(&a).unwrap();
+        crate::scenarios::backdate(&b).unwrap();
+        fs::write(b.join("a/x/y/file"), b"z").unwrap(); // same size, other bytes
+        let t = fs::metadata(a.join("a/x/y/file"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        fs::File::options()
+            .write(true)
+            .open(b.join("a/x/y/file"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        fs::remove_file(b.join("b/deep/f000")).unwrap();
+        fs::create_dir(b.join("new")).unwrap();
+        let cs = diff_trees(&a, &b, &ScanOptions::default()).unwrap();
+        let got: Vec<(String, char)> = cs
+            .changes()
+            .iter()
+            .map(|c| (c.path.display(), c.kind.symbol()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a/x/y/file".to_string(), '~'),
+                ("b/deep/f000".to_string(), '-'),
+                ("new".to_string(), '+')
+            ]
+        );
+        fs::remove_dir_all(&a).unwrap();
+        fs::remove_dir_all(&b).unwrap();
+    }
 }
