@@ -6,6 +6,7 @@
 //! on one line. `--json` makes stdout JSON Lines.
 
 mod manifest;
+mod packaging;
 mod progress;
 
 use std::ffi::OsString;
@@ -64,6 +65,9 @@ enum Command {
     Final {
         #[arg(value_parser = package_name)]
         package: String,
+        /// Package version (default: the one given to init).
+        #[arg(long = "version", value_name = "V")]
+        pkg_version: Option<String>,
         #[command(flatten)]
         opts: FinalOpts,
     },
@@ -88,6 +92,19 @@ enum Command {
     Status,
     /// List every backend: available or why not, and its capabilities.
     Backends,
+    /// Write Packages and Packages.gz for the ipk files in a feed directory.
+    Index {
+        /// The feed directory.
+        feed: PathBuf,
+    },
+    /// Install a package (ipk, OpenWrt ipk, tar.gz, OCI layer) into a tree, deletions included.
+    Apply {
+        /// The package file.
+        package: PathBuf,
+        /// The tree to install into.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+    },
     /// Apply the change rules to two trees.
     Diff {
         /// The tree before.
@@ -112,6 +129,8 @@ struct InitOpts {
 
 #[derive(Args, Debug)]
 struct FinalOpts {
+    #[command(flatten)]
+    pack: packaging::PackArgs,
     /// Where to write outputs (default: out_dir from the config, else the current directory).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -186,7 +205,15 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Init { package, opts } => app.init(&package, &opts).map(|_| ExitCode::SUCCESS),
-        Command::Final { package, opts } => app.finish(&package, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Final {
+            package,
+            pkg_version,
+            opts,
+        } => app
+            .finish(&package, pkg_version.as_deref(), &opts)
+            .map(|()| ExitCode::SUCCESS),
+        Command::Index { feed } => app.index(&feed).map(|()| ExitCode::SUCCESS),
+        Command::Apply { package, root } => app.apply(&package, &root).map(|()| ExitCode::SUCCESS),
         Command::Run {
             package,
             init,
@@ -284,7 +311,7 @@ impl App {
         Ok(s.merged.clone())
     }
 
-    fn finish(&self, package: &str, opts: &FinalOpts) -> Result<()> {
+    fn finish(&self, package: &str, version: Option<&str>, opts: &FinalOpts) -> Result<()> {
         let ctx = self.context()?;
         let out = self.out_dir(opts)?;
         let how = if opts.keep {
@@ -298,10 +325,38 @@ impl App {
             hash_all: opts.hash_all || self.config.hash_all,
         };
         let mut written: Vec<PathBuf> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         let bar = self
             .progress
             .start(&format!("reading the layer of {package}"));
         let done = ctx.finish(package, how, &copts, |s, cs| {
+            let keep_owners = ctx
+                .backend(&s.backend)
+                .map(|b| b.capabilities().records_ownership)
+                .unwrap_or(false);
+            let mut packaging =
+                packaging::Packaging::decide(&opts.pack, version, &self.config, s, keep_owners)
+                    .map_err(core_err)?;
+            let clashes = packaging::collisions(&out, &s.package, cs).map_err(core_err)?;
+            for (path, other) in &clashes {
+                notes.push(format!(
+                    "{path}: touched by more than one package ({other} installed it, {} changed it)",
+                    s.package
+                ));
+            }
+            if opts.pack.strict && !clashes.is_empty() {
+                return Err(layerpack_core::Error::new(
+                    layerpack_core::ErrorKind::InvalidInput,
+                    format!(
+                        "--strict: {} changed {} file(s) that other packages installed: {}",
+                        s.package,
+                        clashes.len(),
+                        notes.join("; ")
+                    ),
+                ));
+            }
+            written.extend(packaging.write(cs, &s.merged, &out).map_err(core_err)?);
+            notes.append(&mut packaging.notes);
             let path = manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs)
                 .map_err(core_err)?;
             written.push(path);
@@ -315,6 +370,9 @@ impl App {
             Ok(())
         })?;
         drop(bar);
+        for n in &notes {
+            eprintln!("layerpack: {package}: warning: {n}");
+        }
         let what = match (&done.changes, how) {
             (None, _) => "resumed an interrupted fold; finished",
             (Some(_), Finish::Keep) => "layer kept; session still open",
@@ -329,6 +387,7 @@ impl App {
                 "summary": done.changes.as_ref().map(manifest::summary),
                 "outputs": written.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
                 "result": what,
+                "warnings": notes,
             }))?;
         } else {
             if let Some(cs) = &done.changes {
@@ -378,7 +437,9 @@ impl App {
             .env("LAYERPACK_PACKAGE", package)
             .status();
         let code = match status {
-            Ok(s) if s.success() => return self.finish(package, fin).map(|()| ExitCode::SUCCESS),
+            Ok(s) if s.success() => {
+                return self.finish(package, None, fin).map(|()| ExitCode::SUCCESS)
+            }
             Ok(s) => {
                 use std::os::unix::process::ExitStatusExt;
                 s.code()
@@ -545,6 +606,56 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    fn index(&self, feed: &Path) -> Result<()> {
+        let entries = layerpack_core::pack::feed::write_index(feed)?;
+        if self.global.json {
+            for e in &entries {
+                print_json(
+                    &json!({"type": "package", "filename": e.filename, "size": e.size, "sha256": e.sha256}),
+                )?;
+            }
+        } else {
+            eprintln!(
+                "layerpack: {} packages indexed in {}",
+                entries.len(),
+                feed.join("Packages").display()
+            );
+        }
+        Ok(())
+    }
+
+    fn apply(&self, package: &Path, root: &Path) -> Result<()> {
+        let a = layerpack_core::pack::apply::apply(package, root)?;
+        if self.global.json {
+            print_json(
+                &json!({"type": "apply", "format": a.format, "installed": a.installed,
+                "deleted": a.deleted, "refused": a.refused}),
+            )?;
+        } else {
+            for r in &a.refused {
+                eprintln!("layerpack: refused: {r}");
+            }
+            eprintln!(
+                "layerpack: {}: {} ({}) installed {} entries, deleted {}, refused {}",
+                package.display(),
+                root.display(),
+                a.format,
+                a.installed,
+                a.deleted,
+                a.refused.len()
+            );
+        }
+        if a.refused.is_empty() {
+            Ok(())
+        } else {
+            bail!(
+                "{} entries of {} were refused",
+                a.refused.len(),
+                package.display()
+            )
+        }
     }
 
     fn diff(&self, before: &Path, after: &Path) -> Result<()> {

@@ -24,6 +24,18 @@ pub struct Config {
     /// stat data.
     #[serde(default)]
     pub hash_all: bool,
+    /// Package formats `final` writes when `--format` is not given
+    /// (default: ipk).
+    pub formats: Option<Vec<String>>,
+    /// Buildroot device/permission tables applied to every package.
+    #[serde(default)]
+    pub device_tables: Vec<PathBuf>,
+    /// Control fields for every package (`[package_defaults]`).
+    #[serde(default)]
+    pub package_defaults: crate::pack::MetaFields,
+    /// Control fields per package (`[packages.<name>]`).
+    #[serde(default)]
+    pub packages: BTreeMap<String, crate::pack::MetaFields>,
     /// Per-backend settings: `[backends.<name>]`.
     #[serde(default)]
     pub backends: BTreeMap<String, toml::Spanned<toml::Table>>,
@@ -43,7 +55,11 @@ impl Config {
         let mut cfg = Config::parse(&text, path)?;
         // Relative paths in the file are relative to the file.
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.state_dir, &mut cfg.out_dir].into_iter().flatten() {
+        for p in [&mut cfg.state_dir, &mut cfg.out_dir]
+            .into_iter()
+            .flatten()
+            .chain(cfg.device_tables.iter_mut())
+        {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }

@@ -15,6 +15,7 @@ mod error;
 pub mod jsonbytes;
 pub mod model;
 pub mod ops;
+pub mod pack;
 pub mod registry;
 pub mod scenarios;
 pub mod session;
