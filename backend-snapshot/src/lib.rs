@@ -47,9 +47,10 @@ pub struct SnapshotConfig {
     pub hash_all: bool,
     /// Record extended attributes (needed to see xattr-only changes).
     pub xattrs: bool,
-    /// Entries changed less than this long before `init` are racy and get
-    /// a content hash. 2000 ms covers FAT's 2 s timestamps and coarse
-    /// kernel clocks.
+    /// When the state directory is on another filesystem than the root,
+    /// entries changed less than this long before `init` are racy and get a
+    /// content hash. 2000 ms covers FAT's 2 s timestamps and coarse kernel
+    /// clocks. (On the same filesystem, the filesystem's own clock decides.)
     pub racy_window_ms: u64,
     /// Helper threads for scanning; 0 means one per core (at most 4).
     pub scan_threads: usize,
@@ -102,6 +103,30 @@ impl SnapshotBackend {
     fn index_path(spec: &SessionSpec) -> PathBuf {
         spec.dir.join(INDEX_FILE)
     }
+
+    /// Entries whose mtime or ctime is at or after the returned time are
+    /// racy. When the session directory is on the base's filesystem, a
+    /// file created there now gives the filesystem's own clock (as git
+    /// uses its index file's mtime): anything changed before that tick
+    /// would get a later ctime if changed again. Otherwise the wall clock
+    /// minus `racy_window_ms`. Returns (threshold, window used).
+    fn racy_threshold(&self, spec: &SessionSpec) -> Result<(i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let window = self.cfg.racy_window_ms as i64 * 1_000_000;
+        let fallback = (now_ns() - window, window);
+        let probe = spec.dir.join("clock-probe");
+        std::fs::write(&probe, b"")
+            .map_err(|e| Error::io(&probe, "cannot create clock probe", e))?;
+        let md = std::fs::metadata(&probe);
+        let _ = std::fs::remove_file(&probe);
+        let base_dev = std::fs::metadata(&spec.base).map(|m| m.dev());
+        match (md, base_dev) {
+            (Ok(md), Ok(dev)) if md.dev() == dev => {
+                Ok((md.ctime() * 1_000_000_000 + md.ctime_nsec(), 0))
+            }
+            _ => Ok(fallback),
+        }
+    }
 }
 
 /// Register the snapshot backend with `registry`.
@@ -151,12 +176,12 @@ impl LayerBackend for SnapshotBackend {
     }
 
     fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        let (racy_from, window_ns) = self.racy_threshold(spec)?;
         let header = Header {
-            start_ns: now_ns(),
-            window_ns: self.cfg.racy_window_ms as i64 * 1_000_000,
+            start_ns: racy_from,
+            window_ns,
             hash_all: self.cfg.hash_all,
         };
-        let racy_from = header.start_ns - header.window_ns;
         let dest = Self::index_path(spec);
         let result = (|| {
             let mut w = IndexWriter::create(&dest, header)?;
@@ -358,6 +383,15 @@ mod tests {
         let s = spec("racy");
         let f = s.base.join("etc/a.conf");
         fs::write(&f, b"aaaa").unwrap();
+        // An mtime after the snapshot's clock makes the entry racy whatever
+        // the clock granularity.
+        let future = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(future)
+            .unwrap();
         let b = SnapshotBackend::new(SnapshotConfig::default());
         b.begin(&s).unwrap();
         let idx: Vec<Record> = IndexReader::open(&s.dir.join(INDEX_FILE))
