@@ -590,6 +590,99 @@ fn apply_round_trip_for_every_expressible_scenario() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// dpkg-deb reads the ipk; Python's tarfile sees exactly the planned
+/// entries (names as bytes, modes, owners, link targets, sizes); GNU tar and
+/// bsdtar list the same number of entries, and the same names where they
+/// are printable.
+fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String> {
+    use base64::Engine;
+    use layerpack_core::model::FileKind;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    for flag in ["-c", "-I"] {
+        if let Some(o) = tool("dpkg-deb", &[flag, ipk.to_str().unwrap()]) {
+            if !o.status.success() {
+                return Err(format!(
+                    "dpkg-deb {flag}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+    }
+    let data = unpack_ar(ipk).join("data.tar.gz");
+    let expected: Vec<Value> = plan
+        .entries
+        .iter()
+        .map(|en| {
+            let name = [b"./".as_slice(), en.path.as_bytes()].concat();
+            let (ty, link) = match (&en.hardlink_to, en.kind) {
+                (Some(first), _) => ("1", [b"./".as_slice(), first.as_bytes()].concat()),
+                (None, FileKind::Symlink) => ("2", en.link_target.clone().unwrap()),
+                (None, FileKind::Dir) => ("5", vec![]),
+                (None, FileKind::CharDevice) => ("3", vec![]),
+                (None, FileKind::BlockDevice) => ("4", vec![]),
+                (None, FileKind::Fifo) => ("6", vec![]),
+                _ => ("0", vec![]),
+            };
+            let size = if ty == "0" { en.size } else { 0 };
+            serde_json::json!([b64(&name), en.mode, en.uid, en.gid, ty, b64(&link), size])
+        })
+        .collect();
+    let py = python(
+        "import tarfile,sys,json,base64,os\nout=[]\nfor m in tarfile.open(sys.argv[1], encoding='utf-8', errors='surrogateescape'):\n n=os.fsencode(m.name)\n n=n if n.startswith(b'./') else b'./'+n\n out.append([base64.b64encode(n).decode(), m.mode, m.uid, m.gid, m.type.decode(), base64.b64encode(os.fsencode(m.linkname)).decode(), m.size])\nprint(json.dumps(out))",
+        &data,
+    );
+    let got: Vec<Value> = serde_json::from_str(&py).map_err(|x| x.to_string())?;
+    if got != expected {
+        return Err(format!(
+            "python tarfile sees {got:?}, the plan is {expected:?}"
+        ));
+    }
+    let printable = plan
+        .entries
+        .iter()
+        .all(|en| en.path.as_bytes().iter().all(|b| (0x21..0x7f).contains(b)));
+    let data_arg = data.to_str().unwrap();
+    for (cmd, args) in [
+        ("tar", vec!["--quoting-style=escape", "-tzf", data_arg]),
+        ("bsdtar", vec!["-tzf", data_arg]),
+    ] {
+        let Some(o) = tool(cmd, &args) else {
+            continue;
+        };
+        if !o.status.success() {
+            return Err(format!("{cmd}: {}", String::from_utf8_lossy(&o.stderr)));
+        }
+        let lines: Vec<&[u8]> = o
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.len() != plan.entries.len() && printable {
+            return Err(format!(
+                "{cmd} lists {} entries, the plan has {}",
+                lines.len(),
+                plan.entries.len()
+            ));
+        }
+        if printable {
+            for (l, en) in lines.iter().zip(&plan.entries) {
+                let mut want = [b"./".as_slice(), en.path.as_bytes()].concat();
+                if en.kind == FileKind::Dir {
+                    want.push(b'/');
+                }
+                if *l != want.as_slice() {
+                    return Err(format!(
+                        "{cmd} lists {:?}, expected {:?}",
+                        String::from_utf8_lossy(l),
+                        String::from_utf8_lossy(&want)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn round_trip(
     backend: &dyn LayerBackend,
     sc: &scenarios::Scenario,
@@ -630,6 +723,7 @@ fn round_trip(
     let ipk = pack::write_package(Format::Ipk, &meta, &plan, &merged, &opts, &dir.join("out"))
         .map_err(|x| e(&x))?;
     backend.move_down(&spec).map_err(|x| e(&x))?;
+    check_with_independent_readers(&ipk, &plan)?;
     let a = apply::apply(&ipk, &dir.join("target")).map_err(|x| e(&x))?;
     if !a.refused.is_empty() {
         return Err(format!("refused: {:?}", a.refused));
