@@ -158,6 +158,7 @@ impl Packaging {
                 keep_owners,
                 device_table,
                 compression: args.compression,
+                threads: 0,
             },
             notes,
         })

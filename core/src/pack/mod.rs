@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod devtable;
 pub mod feed;
+pub mod pgz;
 pub mod tarw;
 pub mod version;
 
@@ -311,6 +312,9 @@ pub struct PackOptions {
     pub device_table: Vec<devtable::DevEntry>,
     /// gzip level 1..=9 (default 6, as `gzip -6`).
     pub compression: Option<u32>,
+    /// Threads for compressing data (0: one per core). The bytes written
+    /// do not depend on it.
+    pub threads: usize,
 }
 
 /// One entry of a package, fully decided.
@@ -669,8 +673,35 @@ fn control_tar(meta: &PackageMeta, plan: &Plan, level: Option<u32>, mtime: i64) 
         .map_err(|e| Error::new(ErrorKind::Io, format!("cannot write control.tar.gz: {e}")))
 }
 
+fn threads(opts: &PackOptions) -> usize {
+    match opts.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    }
+}
+
+/// Write the gzip'd data tarball of `plan` to `path`.
+fn write_data_tar_gz(path: &Path, plan: &Plan, root: &Path, opts: &PackOptions) -> Result<()> {
+    let f = fs::File::create(path).map_err(io_err(path, "cannot create"))?;
+    let gz = pgz::ParallelGz::new(
+        std::io::BufWriter::new(f),
+        opts.compression.unwrap_or(6),
+        threads(opts),
+    );
+    let gz = write_data_tar(gz, plan, root, b"./", false)?;
+    let w = gz.finish().map_err(io_err(path, "cannot write"))?;
+    w.into_inner()
+        .map_err(|e| Error::io(path, "cannot write", e.into_error()))?
+        .sync_all()
+        .map_err(io_err(path, "cannot sync"))
+}
+
 /// Write `format` of the package into `out_dir`; returns the file written.
-/// The file appears atomically (temporary name, then rename).
+/// Data is streamed through temporary files next to the result, which
+/// appears atomically (rename) once complete; memory stays small whatever
+/// the size of the layer.
 pub fn write_package(
     format: Format,
     meta: &PackageMeta,
@@ -679,56 +710,107 @@ pub fn write_package(
     opts: &PackOptions,
     out_dir: &Path,
 ) -> Result<PathBuf> {
-    let dest = out_dir.join(format.file_name(meta));
-    let level = opts.compression;
-    let ctl_mtime = opts.source_date_epoch.unwrap_or(0);
-    let bytes = match format {
-        Format::Tar => {
-            let g = write_data_tar(gz(level)(Vec::new()), plan, root, b"./", false)?;
-            g.finish().map_err(io_err(&dest, "cannot write package"))?
-        }
-        Format::Oci => write_data_tar(Vec::new(), plan, root, b"", true)?,
-        Format::Ipk | Format::Deb | Format::IpkOpenwrt => {
-            let data = write_data_tar(gz(level)(Vec::new()), plan, root, b"./", false)?
-                .finish()
-                .map_err(io_err(&dest, "cannot write package"))?;
-            let control = control_tar(meta, plan, level, ctl_mtime)?;
-            if format == Format::IpkOpenwrt {
-                let mut w = TarWriter::new(gz(level)(Vec::new()));
-                for (name, body) in [
-                    ("./debian-binary", &b"2.0\n"[..]),
-                    ("./data.tar.gz", &data[..]),
-                    ("./control.tar.gz", &control[..]),
-                ] {
-                    let h = TarHeader {
-                        name: name.as_bytes(),
-                        kind: TarKind::File,
-                        mode: 0o644,
-                        uid: 0,
-                        gid: 0,
-                        size: body.len() as u64,
-                        mtime: ctl_mtime,
-                        link: b"",
-                        dev: (0, 0),
-                    };
-                    w.header(&h)
-                        .and_then(|()| w.data(body, body.len() as u64).map(drop))
-                        .map_err(io_err(&dest, "cannot write package"))?;
+    let name = format.file_name(meta);
+    let dest = out_dir.join(&name);
+    let tmp = out_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp_data = out_dir.join(format!(".{name}.data-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let level = opts.compression;
+        let ctl_mtime = opts.source_date_epoch.unwrap_or(0);
+        match format {
+            Format::Tar => write_data_tar_gz(&tmp, plan, root, opts)?,
+            Format::Oci => {
+                let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
+                let w = write_data_tar(std::io::BufWriter::new(f), plan, root, b"", true)?;
+                w.into_inner()
+                    .map_err(|e| Error::io(&tmp, "cannot write", e.into_error()))?
+                    .sync_all()
+                    .map_err(io_err(&tmp, "cannot sync"))?;
+            }
+            Format::Ipk | Format::Deb | Format::IpkOpenwrt => {
+                write_data_tar_gz(&tmp_data, plan, root, opts)?;
+                let data_len = fs::metadata(&tmp_data)
+                    .map_err(io_err(&tmp_data, "cannot stat"))?
+                    .len();
+                let control = control_tar(meta, plan, level, ctl_mtime)?;
+                let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
+                let mut out = std::io::BufWriter::new(f);
+                let data = fs::File::open(&tmp_data).map_err(io_err(&tmp_data, "cannot open"))?;
+                let werr = io_err(&tmp, "cannot write package");
+                if format == Format::IpkOpenwrt {
+                    let gz = pgz::ParallelGz::new(out, level.unwrap_or(6), threads(opts));
+                    let mut w = TarWriter::new(gz);
+                    let members: [(&str, u64); 3] = [
+                        ("./debian-binary", 4),
+                        ("./data.tar.gz", data_len),
+                        ("./control.tar.gz", control.len() as u64),
+                    ];
+                    for (member, size) in members {
+                        let h = TarHeader {
+                            name: member.as_bytes(),
+                            kind: TarKind::File,
+                            mode: 0o644,
+                            uid: 0,
+                            gid: 0,
+                            size,
+                            mtime: ctl_mtime,
+                            link: b"",
+                            dev: (0, 0),
+                        };
+                        w.header(&h).map_err(&werr)?;
+                        let copied = match member {
+                            "./debian-binary" => w.data(&b"2.0\n"[..], size),
+                            "./data.tar.gz" => w.data(&data, size),
+                            _ => w.data(&control[..], size),
+                        };
+                        copied.map_err(&werr)?;
+                    }
+                    out = w.finish().and_then(|g| g.finish()).map_err(&werr)?;
+                } else {
+                    out.write_all(b"!<arch>\n").map_err(&werr)?;
+                    for (member, body) in [
+                        ("debian-binary", &b"2.0\n"[..]),
+                        ("control.tar.gz", &control[..]),
+                    ] {
+                        out.write_all(&tarw::ar_member_header(member, body.len() as u64))
+                            .and_then(|()| out.write_all(body))
+                            .and_then(|()| {
+                                out.write_all(if body.len() % 2 == 1 { b"\n" } else { b"" })
+                            })
+                            .map_err(&werr)?;
+                    }
+                    out.write_all(&tarw::ar_member_header("data.tar.gz", data_len))
+                        .map_err(&werr)?;
+                    let copied =
+                        std::io::copy(&mut (&data).take(data_len), &mut out).map_err(&werr)?;
+                    if copied != data_len {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            "data.tar.gz shrank while being packaged",
+                        )
+                        .with_path(&tmp_data));
+                    }
+                    if data_len % 2 == 1 {
+                        out.write_all(b"\n").map_err(&werr)?;
+                    }
                 }
-                w.finish()
-                    .and_then(|g| g.finish())
-                    .map_err(io_err(&dest, "cannot write package"))?
-            } else {
-                tarw::ar_archive(&[
-                    ("debian-binary", b"2.0\n"),
-                    ("control.tar.gz", &control),
-                    ("data.tar.gz", &data),
-                ])
+                out.into_inner()
+                    .map_err(|e| Error::io(&tmp, "cannot write", e.into_error()))?
+                    .sync_all()
+                    .map_err(io_err(&tmp, "cannot sync"))?;
             }
         }
-    };
-    crate::session::write_atomic(&dest, &bytes)?;
-    Ok(dest)
+        fs::rename(&tmp, &dest).map_err(io_err(&dest, "cannot move package into place"))?;
+        if let Ok(d) = fs::File::open(out_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_file(&tmp_data);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| dest)
 }
 
 #[cfg(test)]

@@ -199,6 +199,15 @@ pub fn ar_archive(members: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// The 60-byte header of one ar member (data follows, padded to even length).
+pub fn ar_member_header(name: &str, size: u64) -> Vec<u8> {
+    format!(
+        "{:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+        name, 0, 0, 0, "100644", size
+    )
+    .into_bytes()
+}
+
 /// Parse an ar archive into (name, data) members.
 pub fn ar_members(data: &[u8]) -> Option<Vec<(String, &[u8])>> {
     let mut rest = data.strip_prefix(b"!<arch>\n")?;
