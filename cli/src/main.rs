@@ -271,7 +271,8 @@ impl App {
         Ok(out)
     }
 
-    fn init(&self, package: &str, opts: &InitOpts) -> Result<PathBuf> {
+    /// Open the session; say which backends `auto` skipped and why.
+    fn open_session(&self, package: &str, opts: &InitOpts) -> Result<ops::Opened> {
         let ctx = self.context()?;
         let _bar = self
             .progress
@@ -282,13 +283,17 @@ impl App {
             opts.backend.as_deref(),
             opts.pkg_version.as_deref(),
         )?;
-        drop(_bar);
-        let s = &opened.session;
-        for (name, why) in &opened.skipped {
-            if !self.global.json {
+        if !self.global.json {
+            for (name, why) in &opened.skipped {
                 eprintln!("layerpack: auto: skipped {name}: {why}");
             }
         }
+        Ok(opened)
+    }
+
+    fn init(&self, package: &str, opts: &InitOpts) -> Result<PathBuf> {
+        let opened = self.open_session(package, opts)?;
+        let s = &opened.session;
         if self.global.json {
             let skipped: Vec<Value> = opened
                 .skipped
@@ -412,22 +417,7 @@ impl App {
         fin: &FinalOpts,
         command: &[OsString],
     ) -> Result<ExitCode> {
-        let merged = {
-            let ctx = self.context()?;
-            let _bar = self
-                .progress
-                .start(&format!("scanning {}", init.root.display()));
-            let opened = ctx.init(
-                package,
-                &init.root,
-                init.backend.as_deref(),
-                init.pkg_version.as_deref(),
-            )?;
-            for (name, why) in &opened.skipped {
-                eprintln!("layerpack: auto: skipped {name}: {why}");
-            }
-            opened.session.merged
-        };
+        let merged = self.open_session(package, init)?.session.merged;
         let (prog, args) = command
             .split_first()
             .ok_or_else(|| anyhow!("no command given after --"))?;

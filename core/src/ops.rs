@@ -252,7 +252,9 @@ impl Context<'_> {
         if s.phase == Phase::Discarding {
             backend.discard(&spec)?;
         } else {
-            let _base = self.base_lock(&s)?;
+            // One move-down per state directory at a time; sessions on one
+            // base share a state directory, so this serialises them.
+            let _fold = self.state.lock_all()?;
             backend.move_down(&spec)?;
         }
         self.state.remove(pkg)?;
@@ -260,13 +262,6 @@ impl Context<'_> {
             session: s,
             changes,
         })
-    }
-
-    fn base_lock(&self, s: &SessionFile) -> Result<crate::session::LockGuard> {
-        let _ = s;
-        // One move-down per state directory at a time; sessions on one base
-        // share a state directory, so this serialises them.
-        self.state.lock_all()
     }
 
     /// Drop a session: discard the layer where the backend can, otherwise
