@@ -95,6 +95,17 @@ pub fn write_changes_json(
 /// the paths that cannot be written in a line-based format.
 pub fn update_file_list(out: &Path, package: &str, cs: &ChangeSet) -> Result<Vec<String>> {
     let path = out.join("packages-file-list.txt");
+    // Finals of different packages may share an output directory and run
+    // at once (parallel builds): serialise the read-modify-write.
+    let lock_path = out.join(".packages-file-list.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", lock_path.display()))?;
     let old = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),

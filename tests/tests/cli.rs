@@ -464,3 +464,47 @@ fn file_list_replaces_a_packages_old_lines() {
     let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
     assert_eq!(list, "other,./x\np,./f\n");
 }
+
+#[test]
+fn parallel_finals_sharing_an_output_directory_keep_every_line() {
+    let e = Env::new("parallel");
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            let root = e.dir.join(format!("root{i}"));
+            fs::create_dir_all(&root).unwrap();
+            e.cmd()
+                .args([
+                    "run",
+                    &format!("pkg{i}"),
+                    "--root",
+                    root.to_str().unwrap(),
+                    "--",
+                    "sh",
+                    "-c",
+                ])
+                .arg(format!(
+                    "for f in a b c; do echo > \"$LAYERPACK_ROOT/{i}$f\"; done"
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
+    let mut lines: Vec<&str> = list.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 18, "{list}");
+    for i in 0..6 {
+        for f in ["a", "b", "c"] {
+            assert!(
+                lines.contains(&format!("pkg{i},./{i}{f}").as_str()),
+                "{list}"
+            );
+        }
+    }
+}
