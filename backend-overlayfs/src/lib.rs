@@ -1,22 +1,324 @@
-//! layerpack-backend-overlayfs: kernel overlayfs.
+//! layerpack-backend-overlayfs: capture a layer with kernel overlayfs.
 //!
-//! Not implemented yet. The crate exists so the registry, `layerpack
-//! backends` and the behaviour matrix already know the name; its probe says
-//! plainly that it is not implemented, and every operation is refused with
-//! an `Unsupported` error.
+//! `begin` mounts `overlay` with the base as the lower layer and an
+//! `upper/` + `work/` pair in the session directory (which must be on the
+//! base's filesystem so move-down is a rename) on a merged directory in the
+//! session directory. `changes` reads only the upper layer
+//! ([`layerpack_core::tree::upper`]), `move_down` unmounts and folds it
+//! ([`layerpack_core::tree::fold`]), `discard` unmounts and drops it. The
+//! mount uses `index=off`, `metacopy=off` and `redirect_dir=off` (where the
+//! kernel knows them) so the upper layer can be read on its own.
+//!
+//! Needs root. See `docs.md` for the capability table and what is not done
+//! yet (in-place mounting on the base, rootless `run`).
 
-use layerpack_core::backend::NotImplemented;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use layerpack_core::backend::{
+    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+};
+use layerpack_core::config::BackendConfig;
+use layerpack_core::model::ChangeSet;
 use layerpack_core::registry::{Origin, Registry};
-use layerpack_core::Result;
+use layerpack_core::tree::fold::{fold, FoldOptions};
+use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
+use layerpack_core::{Error, ErrorKind, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use serde::Deserialize;
 
 /// The name this backend registers under.
 pub const NAME: &str = "overlayfs";
 
-/// Register the backend with `registry`.
+const FORMAT: WhiteoutFormat = WhiteoutFormat::Overlay { userxattr: false };
+
+/// `[backends.overlayfs]` settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlayConfig {
+    /// Stop the fold after this many operations (crash testing only).
+    pub fold_fail_after: Option<usize>,
+}
+
+/// The overlayfs backend.
+pub struct OverlayBackend {
+    cfg: OverlayConfig,
+    proc_root: PathBuf,
+}
+
+impl OverlayBackend {
+    /// A backend reading `/proc` and `/sys` under `proc_root` (`/` normally;
+    /// tests point it at a fake tree).
+    pub fn new(cfg: OverlayConfig, proc_root: &Path) -> OverlayBackend {
+        OverlayBackend {
+            cfg,
+            proc_root: proc_root.to_path_buf(),
+        }
+    }
+
+    fn dirs(spec: &SessionSpec) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            spec.dir.join("upper"),
+            spec.dir.join("work"),
+            spec.dir.join("merged"),
+        )
+    }
+
+    fn is_mounted(&self, merged: &Path) -> bool {
+        let Ok(info) = fs::read_to_string(self.proc_root.join("proc/self/mountinfo")) else {
+            return false;
+        };
+        let want = merged.to_string_lossy();
+        info.lines().any(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|mp| unescape_mountinfo(mp) == want)
+        })
+    }
+
+    /// Options the running kernel's overlay knows, from its module
+    /// parameters.
+    fn mount_options(&self, base: &Path, upper: &Path, work: &Path) -> Result<String> {
+        for p in [base, upper, work] {
+            let s = p.to_string_lossy();
+            if s.contains([',', ':', '\\', '\n']) || p.to_str().is_none() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "overlayfs cannot take a path with ',', ':', '\\', a newline or non-UTF-8 bytes in its mount options",
+                )
+                .with_path(p));
+            }
+        }
+        let mut o = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            base.display(),
+            upper.display(),
+            work.display()
+        );
+        let params = self.proc_root.join("sys/module/overlay/parameters");
+        for (param, opt) in [
+            ("index", "index=off"),
+            ("metacopy", "metacopy=off"),
+            ("redirect_dir", "redirect_dir=off"),
+        ] {
+            if params.join(param).exists() {
+                o.push(',');
+                o.push_str(opt);
+            }
+        }
+        Ok(o)
+    }
+
+    fn unmount(&self, merged: &Path) -> Result<()> {
+        if self.is_mounted(merged) {
+            umount2(merged, MntFlags::empty())
+                .map_err(|e| Error::io(merged, "cannot unmount the overlay", e.into()))?;
+        }
+        Ok(())
+    }
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Register the overlayfs backend with `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {
     registry.register(
         NAME,
         Origin::BuiltIn,
-        Box::new(|_cfg| Ok(Box::new(NotImplemented::new(NAME)))),
+        Box::new(|cfg: &BackendConfig| {
+            let c: OverlayConfig = cfg.parse()?;
+            Ok(Box::new(OverlayBackend::new(c, Path::new("/"))))
+        }),
     )
+}
+
+impl LayerBackend for OverlayBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            can_discard: true,
+            needs_root: true,
+            online_move_down: false,
+            rootless: false,
+            in_place: false,
+            records_ownership: false,
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        let fs_list =
+            fs::read_to_string(self.proc_root.join("proc/filesystems")).unwrap_or_default();
+        if !fs_list
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+        {
+            return Probe::Unavailable(
+                "overlay not in /proc/filesystems (modprobe overlay)".into(),
+            );
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Probe::Unavailable(
+                "needs root to mount overlayfs (rootless run through a user namespace is not implemented yet)".into(),
+            );
+        }
+        Probe::Available
+    }
+
+    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        let (upper, work, merged) = Self::dirs(spec);
+        for d in [&upper, &work, &merged] {
+            fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
+        }
+        let base_dev = fs::metadata(&spec.base)
+            .map_err(|e| Error::io(&spec.base, "cannot stat", e))?
+            .dev();
+        let upper_dev = fs::metadata(&upper)
+            .map_err(|e| Error::io(&upper, "cannot stat", e))?
+            .dev();
+        let undo = || {
+            for d in [&upper, &work, &merged] {
+                let _ = fs::remove_dir_all(d);
+            }
+        };
+        if base_dev != upper_dev {
+            undo();
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
+                    spec.base.display()
+                ),
+            ));
+        }
+        let opts = match self.mount_options(&spec.base, &upper, &work) {
+            Ok(o) => o,
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
+        if let Err(e) = mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        ) {
+            undo();
+            return Err(Error::io(
+                &merged,
+                format!("cannot mount overlay ({opts})"),
+                e.into(),
+            ));
+        }
+        Ok(merged)
+    }
+
+    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        Ok(Self::dirs(spec).2)
+    }
+
+    fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
+        let (upper, _, _) = Self::dirs(spec);
+        read_upper(&upper, &spec.base, FORMAT)
+    }
+
+    fn move_down(&self, spec: &SessionSpec) -> Result<()> {
+        let (upper, work, merged) = Self::dirs(spec);
+        self.unmount(&merged)?;
+        if upper.exists() {
+            fold(
+                &upper,
+                &spec.base,
+                FORMAT,
+                FoldOptions {
+                    fail_after: self.cfg.fold_fail_after,
+                },
+            )?;
+        }
+        for d in [&upper, &work, &merged] {
+            if d.exists() {
+                fs::remove_dir_all(d).map_err(|e| Error::io(d, "cannot remove", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, spec: &SessionSpec) -> Result<()> {
+        let (upper, work, merged) = Self::dirs(spec);
+        self.unmount(&merged)?;
+        for d in [&upper, &work, &merged] {
+            if d.exists() {
+                fs::remove_dir_all(d).map_err(|e| Error::io(d, "cannot remove", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, spec: &SessionSpec) -> Result<()> {
+        self.discard(spec)
+    }
+
+    fn health(&self, spec: &SessionSpec) -> Health {
+        let (upper, _, merged) = Self::dirs(spec);
+        if !upper.is_dir() {
+            return Health::Stale(format!(
+                "upper layer {} is missing; run `layerpack abort {}`",
+                upper.display(),
+                spec.package
+            ));
+        }
+        if !self.is_mounted(&merged) {
+            return Health::Stale(format!(
+                "overlay is not mounted (reboot?); `layerpack final {}` still folds the upper layer, `layerpack abort {}` drops it",
+                spec.package, spec.package
+            ));
+        }
+        Health::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reads_proc_filesystems_from_the_given_root() {
+        let root = std::env::temp_dir().join(format!("lp-ovl-probe-{}", std::process::id()));
+        fs::create_dir_all(root.join("proc")).unwrap();
+        fs::write(root.join("proc/filesystems"), "nodev\tproc\n\text4\n").unwrap();
+        let b = OverlayBackend::new(OverlayConfig::default(), &root);
+        assert_eq!(
+            b.probe().reason(),
+            Some("overlay not in /proc/filesystems (modprobe overlay)")
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+    }
 }

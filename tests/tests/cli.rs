@@ -508,3 +508,84 @@ fn parallel_finals_sharing_an_output_directory_keep_every_line() {
         }
     }
 }
+
+#[test]
+fn overlayfs_session_survives_a_lost_mount() {
+    let e = Env::new("ovl-lost");
+    let probe = e.run(&["--json", "backends"]);
+    let ovl: Vec<Value> = probe
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .filter(|v: &Value| v["name"] == "overlayfs")
+        .collect();
+    if ovl[0]["available"] != true {
+        let required = std::env::var("LAYERPACK_REQUIRE").unwrap_or_default();
+        assert!(
+            !required.contains("overlayfs"),
+            "overlayfs required but unavailable: {}",
+            ovl[0]["reason"]
+        );
+        eprintln!("skipped: overlayfs unavailable: {}", ovl[0]["reason"]);
+        return;
+    }
+    fs::create_dir_all(e.root().join("etc")).unwrap();
+    fs::write(e.root().join("etc/old"), b"old").unwrap();
+    let o = e.run(&[
+        "init",
+        "ovl",
+        "--root",
+        &root_arg(&e),
+        "--backend",
+        "overlayfs",
+        "--version",
+        "1",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let merged = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim_end());
+    assert_ne!(merged, fs::canonicalize(e.root()).unwrap());
+    fs::write(merged.join("etc/new"), b"new").unwrap();
+    fs::remove_file(merged.join("etc/old")).unwrap();
+    assert!(
+        e.root().join("etc/old").exists(),
+        "the root is untouched while mounted"
+    );
+    // A reboot loses the mount; the upper layer stays on disk.
+    nix::mount::umount2(&merged, nix::mount::MntFlags::empty()).unwrap();
+    let o = e.run(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("not mounted"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = e.run(&["final", "ovl", "--format", "none"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(fs::read(e.root().join("etc/new")).unwrap(), b"new");
+    assert!(!e.root().join("etc/old").exists());
+    let doc = read_json(&e.out().join("ovl.changes.json"));
+    let got: Vec<(&str, &str)> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["path"].as_str().unwrap(), c["change"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [("etc/new", "added"), ("etc/old", "deleted")]);
+    // A failed command under run discards: the root is as before.
+    let o = e.run(&[
+        "run",
+        "bad",
+        "--root",
+        &root_arg(&e),
+        "--backend",
+        "overlayfs",
+        "--",
+        "sh",
+        "-c",
+        "echo x > \"$LAYERPACK_ROOT/etc/junk\"; exit 3",
+    ]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("layer discarded"), "{}", stderr(&o));
+    assert!(!e.root().join("etc/junk").exists());
+    assert_eq!(session_count(&e), 0);
+}

@@ -17,6 +17,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
+pub mod fold;
+pub mod upper;
+
 use crate::model::{split_dev, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs};
 use crate::{Error, ErrorKind, Result};
 
