@@ -37,6 +37,10 @@ const FORMAT: WhiteoutFormat = WhiteoutFormat::Overlay { userxattr: false };
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlayConfig {
+    /// Mount the overlay on the root itself, so the install keeps writing
+    /// to the same path (Buildroot's `TARGET_DIR`). The root stays
+    /// reachable for layerpack through a private bind mount in the session.
+    pub in_place: bool,
     /// Stop the fold after this many operations (crash testing only).
     pub fold_fail_after: Option<usize>,
 }
@@ -65,15 +69,39 @@ impl OverlayBackend {
         )
     }
 
-    fn is_mounted(&self, merged: &Path) -> bool {
+    /// The session's mode, fixed at `begin` (a later config cannot change
+    /// how an open session was mounted).
+    fn session_in_place(spec: &SessionSpec) -> bool {
+        fs::read_to_string(spec.dir.join("mode")).is_ok_and(|m| m.trim() == "in-place")
+    }
+
+    /// Where the install writes, and where the untouched base can be read.
+    fn places(&self, spec: &SessionSpec) -> (PathBuf, PathBuf) {
+        if Self::session_in_place(spec) {
+            let lower = spec.dir.join("lower");
+            let readable = if self.is_mounted(&lower, None) {
+                lower
+            } else {
+                spec.base.clone()
+            };
+            (spec.base.clone(), readable)
+        } else {
+            (Self::dirs(spec).2, spec.base.clone())
+        }
+    }
+
+    /// True if something (of `fstype`, if given) is mounted at `at`.
+    fn is_mounted(&self, at: &Path, fstype: Option<&str>) -> bool {
         let Ok(info) = fs::read_to_string(self.proc_root.join("proc/self/mountinfo")) else {
             return false;
         };
-        let want = merged.to_string_lossy();
+        let want = at.to_string_lossy();
         info.lines().any(|l| {
-            l.split(' ')
-                .nth(4)
-                .is_some_and(|mp| unescape_mountinfo(mp) == want)
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-");
+            let ty = sep.and_then(|i| f.get(i + 1)).copied();
+            f.get(4).is_some_and(|mp| unescape_mountinfo(mp) == want)
+                && fstype.is_none_or(|t| ty == Some(t))
         })
     }
 
@@ -110,11 +138,37 @@ impl OverlayBackend {
         Ok(o)
     }
 
-    fn unmount(&self, merged: &Path) -> Result<()> {
-        if self.is_mounted(merged) {
-            umount2(merged, MntFlags::empty())
-                .map_err(|e| Error::io(merged, "cannot unmount the overlay", e.into()))?;
+    fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
+        if self.is_mounted(at, fstype) {
+            umount2(at, MntFlags::empty()).map_err(|e| {
+                Error::io(
+                    at,
+                    "cannot unmount (is a process still using it?)",
+                    e.into(),
+                )
+            })?;
         }
+        Ok(())
+    }
+
+    /// Unmount everything the session mounted.
+    fn unmount_all(&self, spec: &SessionSpec) -> Result<()> {
+        if Self::session_in_place(spec) {
+            self.unmount(&spec.base, Some("overlay"))?;
+            self.unmount(&spec.dir.join("lower"), None)
+        } else {
+            self.unmount(&Self::dirs(spec).2, Some("overlay"))
+        }
+    }
+
+    fn remove_session_dirs(spec: &SessionSpec) -> Result<()> {
+        let (upper, work, merged) = Self::dirs(spec);
+        for d in [upper, work, merged, spec.dir.join("lower")] {
+            if d.exists() {
+                fs::remove_dir_all(&d).map_err(|e| Error::io(&d, "cannot remove", e))?;
+            }
+        }
+        let _ = fs::remove_file(spec.dir.join("mode"));
         Ok(())
     }
 }
@@ -162,7 +216,7 @@ impl LayerBackend for OverlayBackend {
             needs_root: true,
             online_move_down: false,
             rootless: false,
-            in_place: false,
+            in_place: self.cfg.in_place,
             records_ownership: false,
         }
     }
@@ -188,66 +242,92 @@ impl LayerBackend for OverlayBackend {
 
     fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
         let (upper, work, merged) = Self::dirs(spec);
-        for d in [&upper, &work, &merged] {
+        let lower = spec.dir.join("lower");
+        let in_place = self.cfg.in_place;
+        let mut made = vec![&upper, &work];
+        made.push(if in_place { &lower } else { &merged });
+        for d in &made {
             fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
         }
-        let base_dev = fs::metadata(&spec.base)
-            .map_err(|e| Error::io(&spec.base, "cannot stat", e))?
-            .dev();
-        let upper_dev = fs::metadata(&upper)
-            .map_err(|e| Error::io(&upper, "cannot stat", e))?
-            .dev();
-        let undo = || {
-            for d in [&upper, &work, &merged] {
-                let _ = fs::remove_dir_all(d);
-            }
+        let undo = |this: &Self| {
+            let _ = this.unmount(&spec.base, Some("overlay"));
+            let _ = this.unmount(&lower, None);
+            let _ = Self::remove_session_dirs(spec);
         };
-        if base_dev != upper_dev {
-            undo();
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
-                    spec.base.display()
-                ),
-            ));
-        }
-        let opts = match self.mount_options(&spec.base, &upper, &work) {
-            Ok(o) => o,
-            Err(e) => {
-                undo();
-                return Err(e);
+        let result = (|| -> Result<PathBuf> {
+            let dev = |p: &Path| {
+                fs::metadata(p)
+                    .map(|m| m.dev())
+                    .map_err(|e| Error::io(p, "cannot stat", e))
+            };
+            if dev(&spec.base)? != dev(&upper)? {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
+                        spec.base.display()
+                    ),
+                ));
             }
-        };
-        if let Err(e) = mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        ) {
-            undo();
-            return Err(Error::io(
-                &merged,
-                format!("cannot mount overlay ({opts})"),
-                e.into(),
-            ));
+            fs::write(
+                spec.dir.join("mode"),
+                if in_place { "in-place\n" } else { "merged\n" },
+            )
+            .map_err(|e| Error::io(&spec.dir, "cannot write session mode", e))?;
+            let (lowerdir, target) = if in_place {
+                // A private bind of the root keeps it reachable (from any
+                // later process) once the overlay covers it.
+                mount(
+                    Some(&spec.base),
+                    &lower,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e.into()))?;
+                mount(
+                    None::<&str>,
+                    &lower,
+                    None::<&str>,
+                    MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )
+                .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e.into()))?;
+                (lower.clone(), spec.base.clone())
+            } else {
+                (spec.base.clone(), merged.clone())
+            };
+            let opts = self.mount_options(&lowerdir, &upper, &work)?;
+            mount(
+                Some("overlay"),
+                &target,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+            .map_err(|e| Error::io(&target, format!("cannot mount overlay ({opts})"), e.into()))?;
+            Ok(target)
+        })();
+        if result.is_err() {
+            undo(self);
         }
-        Ok(merged)
+        result
     }
 
     fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(Self::dirs(spec).2)
+        Ok(self.places(spec).0)
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
         let (upper, _, _) = Self::dirs(spec);
-        read_upper(&upper, &spec.base, FORMAT)
+        let (_, base) = self.places(spec);
+        read_upper(&upper, &base, FORMAT)
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
-        let (upper, work, merged) = Self::dirs(spec);
-        self.unmount(&merged)?;
+        let (upper, _, _) = Self::dirs(spec);
+        // Unmount first: the fold writes into the base itself.
+        self.unmount_all(spec)?;
         if upper.exists() {
             fold(
                 &upper,
@@ -258,23 +338,12 @@ impl LayerBackend for OverlayBackend {
                 },
             )?;
         }
-        for d in [&upper, &work, &merged] {
-            if d.exists() {
-                fs::remove_dir_all(d).map_err(|e| Error::io(d, "cannot remove", e))?;
-            }
-        }
-        Ok(())
+        Self::remove_session_dirs(spec)
     }
 
     fn discard(&self, spec: &SessionSpec) -> Result<()> {
-        let (upper, work, merged) = Self::dirs(spec);
-        self.unmount(&merged)?;
-        for d in [&upper, &work, &merged] {
-            if d.exists() {
-                fs::remove_dir_all(d).map_err(|e| Error::io(d, "cannot remove", e))?;
-            }
-        }
-        Ok(())
+        self.unmount_all(spec)?;
+        Self::remove_session_dirs(spec)
     }
 
     fn release(&self, spec: &SessionSpec) -> Result<()> {
@@ -282,7 +351,8 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn health(&self, spec: &SessionSpec) -> Health {
-        let (upper, _, merged) = Self::dirs(spec);
+        let (upper, _, _) = Self::dirs(spec);
+        let (merged, _) = self.places(spec);
         if !upper.is_dir() {
             return Health::Stale(format!(
                 "upper layer {} is missing; run `layerpack abort {}`",
@@ -290,7 +360,7 @@ impl LayerBackend for OverlayBackend {
                 spec.package
             ));
         }
-        if !self.is_mounted(&merged) {
+        if !self.is_mounted(&merged, Some("overlay")) {
             return Health::Stale(format!(
                 "overlay is not mounted (reboot?); `layerpack final {}` still folds the upper layer, `layerpack abort {}` drops it",
                 spec.package, spec.package

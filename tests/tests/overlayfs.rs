@@ -118,6 +118,7 @@ fn fold_is_idempotent_when_killed_after_any_operation() {
         let failing = OverlayBackend::new(
             OverlayConfig {
                 fold_fail_after: Some(n),
+                ..OverlayConfig::default()
             },
             Path::new("/"),
         );
@@ -222,4 +223,135 @@ fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() {
     }
     fs::remove_dir_all(&work).unwrap();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn in_place_mode_passes_every_scenario() {
+    if !available() {
+        return;
+    }
+    let b = OverlayBackend::new(
+        OverlayConfig {
+            in_place: true,
+            ..OverlayConfig::default()
+        },
+        Path::new("/"),
+    );
+    let work = scratch("in-place");
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for sc in scenarios::all() {
+        if let Some(why) = sc.skip_reason(&b.capabilities(), &work) {
+            eprintln!("in-place {}: skipped: {why}", sc.test_name());
+            continue;
+        }
+        ran += 1;
+        if let Err(e) = scenarios::run(&b, &sc, &work) {
+            failures.push(format!("{}: {e}", sc.test_name()));
+        }
+    }
+    fs::remove_dir_all(&work).unwrap();
+    assert!(ran >= 24, "only {ran} scenarios ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn make_install_into_the_root_path_is_captured_in_place() {
+    if !available() {
+        return;
+    }
+    let d = scratch("destdir");
+    let root = d.join("target");
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    fs::write(root.join("usr/bin/old"), b"old").unwrap();
+    let cfg = d.join("layerpack.toml");
+    fs::write(&cfg, "[backends.overlayfs]\nin_place = true\n").unwrap();
+    fs::write(
+        d.join("Makefile"),
+        "install:\n\tmkdir -p $(DESTDIR)/usr/bin $(DESTDIR)/etc\n\tinstall -m 0755 hello.sh $(DESTDIR)/usr/bin/hello\n\tprintf 'x=1\\n' > $(DESTDIR)/etc/hello.conf\n\trm -f $(DESTDIR)/usr/bin/old\n",
+    )
+    .unwrap();
+    fs::write(d.join("hello.sh"), "#!/bin/sh\necho hello\n").unwrap();
+    let lp = |args: &[&str]| {
+        let o = std::process::Command::new(layerpack_tests::layerpack_bin())
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(args)
+            .current_dir(&d)
+            .env("LAYERPACK_STATE_DIR", d.join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let merged = lp(&[
+        "init",
+        "hello",
+        "--root",
+        root.to_str().unwrap(),
+        "--backend",
+        "overlayfs",
+        "--version",
+        "1.0",
+    ]);
+    assert_eq!(
+        PathBuf::from(merged.trim_end()),
+        fs::canonicalize(&root).unwrap(),
+        "in place: the root itself"
+    );
+    let make = std::process::Command::new("make")
+        .args(["-s", "install", &format!("DESTDIR={}", root.display())])
+        .current_dir(&d)
+        .status();
+    match make {
+        Ok(s) => assert!(s.success()),
+        Err(_) => {
+            // No make here: the same steps by hand.
+            fs::create_dir_all(root.join("etc")).unwrap();
+            fs::copy(d.join("hello.sh"), root.join("usr/bin/hello")).unwrap();
+            fs::set_permissions(
+                root.join("usr/bin/hello"),
+                fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+            fs::write(root.join("etc/hello.conf"), "x=1\n").unwrap();
+            fs::remove_file(root.join("usr/bin/old")).unwrap();
+        }
+    }
+    lp(&["final", "hello", "--out", "out"]);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("out/hello.changes.json")).unwrap()).unwrap();
+    let got: Vec<(String, String)> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_string(),
+                c["change"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("etc", "added"),
+        ("etc/hello.conf", "added"),
+        ("usr/bin/hello", "added"),
+        ("usr/bin/old", "deleted"),
+    ]
+    .iter()
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(got, want);
+    assert!(d.join("out/hello_1.0_all.ipk").exists());
+    // Folded: the root holds the result with nothing mounted on it.
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&d.to_string_lossy().to_string()),
+        "{mounts}"
+    );
+    assert!(root.join("usr/bin/hello").exists() && !root.join("usr/bin/old").exists());
+    fs::remove_dir_all(&d).unwrap();
 }
