@@ -31,8 +31,6 @@ use serde::Deserialize;
 /// The name this backend registers under.
 pub const NAME: &str = "overlayfs";
 
-const FORMAT: WhiteoutFormat = WhiteoutFormat::Overlay { userxattr: false };
-
 /// `[backends.overlayfs]` settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,6 +47,40 @@ pub struct OverlayConfig {
 pub struct OverlayBackend {
     cfg: OverlayConfig,
     proc_root: PathBuf,
+    user_namespace: bool,
+}
+
+/// Make this process root of a new user namespace (mapped to the caller's
+/// uid and gid) with a private mount namespace, so an unprivileged user
+/// can mount overlayfs (with `userxattr`). Everything mounted is gone when
+/// the process ends, so only `run` can use it: `init` and `final` as
+/// separate processes need real root.
+pub fn enter_user_namespace() -> Result<()> {
+    use nix::sched::{unshare, CloneFlags};
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).map_err(|e| {
+        Error::io(
+            "/proc/sys/user/max_user_namespaces",
+            "cannot create a user namespace (are unprivileged user namespaces enabled?)",
+            e.into(),
+        )
+    })?;
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("0 {uid} 1")),
+        ("/proc/self/gid_map", format!("0 {gid} 1")),
+    ] {
+        fs::write(file, text)
+            .map_err(|e| Error::io(file, "cannot set up the user namespace", e))?;
+    }
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("/", "cannot make mounts private", e.into()))
 }
 
 impl OverlayBackend {
@@ -58,7 +90,23 @@ impl OverlayBackend {
         OverlayBackend {
             cfg,
             proc_root: proc_root.to_path_buf(),
+            user_namespace: false,
         }
+    }
+
+    /// This process is in a user namespace made by
+    /// [`enter_user_namespace`]: mount with `userxattr`.
+    pub fn in_user_namespace(mut self, yes: bool) -> OverlayBackend {
+        self.user_namespace = yes;
+        self
+    }
+
+    /// How the session's upper layer marks whiteouts and opaque
+    /// directories (recorded at `begin`).
+    fn format(spec: &SessionSpec) -> WhiteoutFormat {
+        let userxattr = fs::read_to_string(spec.dir.join("mode"))
+            .is_ok_and(|m| m.lines().any(|l| l.trim() == "userxattr"));
+        WhiteoutFormat::Overlay { userxattr }
     }
 
     fn dirs(spec: &SessionSpec) -> (PathBuf, PathBuf, PathBuf) {
@@ -72,7 +120,8 @@ impl OverlayBackend {
     /// The session's mode, fixed at `begin` (a later config cannot change
     /// how an open session was mounted).
     fn session_in_place(spec: &SessionSpec) -> bool {
-        fs::read_to_string(spec.dir.join("mode")).is_ok_and(|m| m.trim() == "in-place")
+        fs::read_to_string(spec.dir.join("mode"))
+            .is_ok_and(|m| m.lines().next().is_some_and(|l| l.trim() == "in-place"))
     }
 
     /// Where the install writes, and where the untouched base can be read.
@@ -124,11 +173,21 @@ impl OverlayBackend {
             upper.display(),
             work.display()
         );
+        if self.user_namespace {
+            o.push_str(",userxattr");
+        }
         let params = self.proc_root.join("sys/module/overlay/parameters");
+        // With userxattr the kernel refuses redirect_dir=off (it means
+        // "follow"); nofollow neither creates nor follows redirects.
+        let redirect = if self.user_namespace {
+            "redirect_dir=nofollow"
+        } else {
+            "redirect_dir=off"
+        };
         for (param, opt) in [
             ("index", "index=off"),
             ("metacopy", "metacopy=off"),
-            ("redirect_dir", "redirect_dir=off"),
+            ("redirect_dir", redirect),
         ] {
             if params.join(param).exists() {
                 o.push(',');
@@ -195,12 +254,19 @@ fn unescape_mountinfo(s: &str) -> String {
 
 /// Register the overlayfs backend with `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {
+    register_in_user_namespace(registry, false)
+}
+
+/// Register; `userns` when this process entered [`enter_user_namespace`].
+pub fn register_in_user_namespace(registry: &mut Registry, userns: bool) -> Result<()> {
     registry.register(
         NAME,
         Origin::BuiltIn,
-        Box::new(|cfg: &BackendConfig| {
+        Box::new(move |cfg: &BackendConfig| {
             let c: OverlayConfig = cfg.parse()?;
-            Ok(Box::new(OverlayBackend::new(c, Path::new("/"))))
+            Ok(Box::new(
+                OverlayBackend::new(c, Path::new("/")).in_user_namespace(userns),
+            ))
         }),
     )
 }
@@ -234,7 +300,7 @@ impl LayerBackend for OverlayBackend {
         }
         if !nix::unistd::geteuid().is_root() {
             return Probe::Unavailable(
-                "needs root to mount overlayfs (rootless run through a user namespace is not implemented yet)".into(),
+                "needs root for init and final as separate processes; as an unprivileged user, `layerpack run --backend overlayfs` works through a user namespace".into(),
             );
         }
         Probe::Available
@@ -271,7 +337,15 @@ impl LayerBackend for OverlayBackend {
             }
             fs::write(
                 spec.dir.join("mode"),
-                if in_place { "in-place\n" } else { "merged\n" },
+                format!(
+                    "{}\n{}",
+                    if in_place { "in-place" } else { "merged" },
+                    if self.user_namespace {
+                        "userxattr\n"
+                    } else {
+                        ""
+                    }
+                ),
             )
             .map_err(|e| Error::io(&spec.dir, "cannot write session mode", e))?;
             let (lowerdir, target) = if in_place {
@@ -321,7 +395,7 @@ impl LayerBackend for OverlayBackend {
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
         let (upper, _, _) = Self::dirs(spec);
         let (_, base) = self.places(spec);
-        read_upper(&upper, &base, FORMAT)
+        read_upper(&upper, &base, Self::format(spec))
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
@@ -332,7 +406,7 @@ impl LayerBackend for OverlayBackend {
             fold(
                 &upper,
                 &spec.base,
-                FORMAT,
+                Self::format(spec),
                 FoldOptions {
                     fail_after: self.cfg.fold_fail_after,
                 },

@@ -105,6 +105,15 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         root: PathBuf,
     },
+    /// Run the behaviour scenarios against one backend on this machine.
+    Selftest {
+        /// Backend to test (default: snapshot).
+        #[arg(long, value_name = "NAME", default_value = "snapshot")]
+        backend: String,
+        /// Scratch directory (default: a new directory under the system's temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Apply the change rules to two trees.
     Diff {
         /// The tree before.
@@ -192,9 +201,10 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         None => Config::default(),
     };
     let progress = progress::Progress::new(cli.global.json);
+    let userns = rootless_run(&cli.command, &config)?;
     let mut registry = Registry::new();
     layerpack_backend_snapshot::register_with_progress(&mut registry, Some(progress.callback()))?;
-    layerpack_backend_overlayfs::register(&mut registry)?;
+    layerpack_backend_overlayfs::register_in_user_namespace(&mut registry, userns)?;
     layerpack_backend_fuse::register(&mut registry)?;
     layerpack_backend_aufs::register(&mut registry)?;
     let app = App {
@@ -213,6 +223,7 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             .finish(&package, pkg_version.as_deref(), &opts)
             .map(|()| ExitCode::SUCCESS),
         Command::Index { feed } => app.index(&feed).map(|()| ExitCode::SUCCESS),
+        Command::Selftest { backend, dir } => app.selftest(&backend, dir.as_deref(), userns),
         Command::Apply { package, root } => app.apply(&package, &root).map(|()| ExitCode::SUCCESS),
         Command::Run {
             package,
@@ -225,6 +236,26 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         Command::Backends => app.backends().map(|()| ExitCode::SUCCESS),
         Command::Diff { before, after } => app.diff(&before, &after).map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// `run` of an unprivileged user with the overlayfs backend: enter a user
+/// and mount namespace first, so init, the command and final all run in
+/// it (the mount dies with the process, which `run` outlives anyway).
+fn rootless_run(cmd: &Command, config: &Config) -> Result<bool> {
+    let choice = match cmd {
+        Command::Run { init, .. } => init
+            .backend
+            .as_deref()
+            .or(config.backend.as_deref())
+            .unwrap_or("snapshot"),
+        Command::Selftest { backend, .. } => backend.as_str(),
+        _ => return Ok(false),
+    };
+    if choice != layerpack_backend_overlayfs::NAME || nix::unistd::geteuid().is_root() {
+        return Ok(false);
+    }
+    layerpack_backend_overlayfs::enter_user_namespace()?;
+    Ok(true)
 }
 
 fn print_json(v: &Value) -> Result<()> {
@@ -596,6 +627,76 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    fn selftest(&self, name: &str, dir: Option<&Path>, userns: bool) -> Result<ExitCode> {
+        use layerpack_core::scenarios;
+        let backend = self
+            .registry
+            .create(name, &self.config.backend_config(name))?;
+        if let Some(why) = backend.probe().reason() {
+            bail!("backend '{name}' cannot run here: {why}");
+        }
+        let scratch = match dir {
+            Some(d) => d.to_path_buf(),
+            None => std::env::temp_dir().join(format!("layerpack-selftest-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("cannot create {}", scratch.display()))?;
+        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+        for sc in scenarios::all() {
+            let skip = if userns && sc.needs.root {
+                Some(
+                    "needs real root (chown and mknod of ids outside the user namespace)"
+                        .to_string(),
+                )
+            } else {
+                sc.skip_reason(&backend.capabilities(), &scratch)
+            };
+            let (status, detail) = match skip {
+                Some(why) => {
+                    skipped += 1;
+                    ("skip", why)
+                }
+                None => match scenarios::run(&*backend, &sc, &scratch) {
+                    Ok(()) => {
+                        passed += 1;
+                        ("pass", String::new())
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        ("FAIL", e)
+                    }
+                },
+            };
+            if self.global.json {
+                print_json(
+                    &json!({"type": "scenario", "backend": name, "scenario": sc.test_name(),
+                    "result": status.to_lowercase(), "detail": detail}),
+                )?;
+            } else if detail.is_empty() {
+                print_line(&format!("{status} {}", sc.test_name()))?;
+            } else {
+                print_line(&format!("{status} {}: {detail}", sc.test_name()))?;
+            }
+        }
+        if dir.is_none() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        if self.global.json {
+            print_json(
+                &json!({"type": "summary", "backend": name, "passed": passed, "failed": failed, "skipped": skipped}),
+            )?;
+        } else {
+            print_line(&format!(
+                "selftest {name}: {passed} passed, {failed} failed, {skipped} skipped"
+            ))?;
+        }
+        Ok(if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     }
 
     fn index(&self, feed: &Path) -> Result<()> {

@@ -355,3 +355,116 @@ fn make_install_into_the_root_path_is_captured_in_place() {
     assert!(root.join("usr/bin/hello").exists() && !root.join("usr/bin/old").exists());
     fs::remove_dir_all(&d).unwrap();
 }
+
+const UNPRIVILEGED: u32 = 4242;
+
+#[test]
+fn rootless_run_passes_the_scenarios_that_need_no_root() {
+    use std::os::unix::process::CommandExt;
+    if !available() {
+        return;
+    }
+    let d = scratch("rootless");
+    let own = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
+    };
+    own(&d);
+    // The scenarios, in process, as an unprivileged uid (selftest enters a
+    // user namespace for overlayfs as `run` does).
+    let scratch = d.join("selftest");
+    fs::create_dir(&scratch).unwrap();
+    own(&scratch);
+    let o = std::process::Command::new(layerpack_tests::layerpack_bin())
+        .args(["selftest", "--backend", "overlayfs", "--dir"])
+        .arg(&scratch)
+        .uid(UNPRIVILEGED)
+        .gid(UNPRIVILEGED)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let summary = out.lines().last().unwrap();
+    let passed: u32 = summary
+        .split(": ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(passed >= 22, "{out}");
+    for needs_root in ["s06_chown_only", "s19_special_files"] {
+        assert!(
+            out.contains(&format!("skip {needs_root}: needs real root")),
+            "{out}"
+        );
+    }
+
+    // And the command line: `run` as that user.
+    let root = d.join("root");
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(root.join("etc/old"), b"old").unwrap();
+    for p in [&root, &root.join("etc"), &root.join("etc/old")] {
+        own(p);
+    }
+    let o = std::process::Command::new(layerpack_tests::layerpack_bin())
+        .args([
+            "run",
+            "rootless",
+            "--root",
+            root.to_str().unwrap(),
+            "--backend",
+            "overlayfs",
+            "--version",
+            "1",
+            "--out",
+        ])
+        .arg(d.join("out"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo new > \"$LAYERPACK_ROOT/etc/new\" && rm \"$LAYERPACK_ROOT/etc/old\"",
+        ])
+        .env("LAYERPACK_STATE_DIR", d.join("state"))
+        .current_dir(&d)
+        .uid(UNPRIVILEGED)
+        .gid(UNPRIVILEGED)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(root.join("etc/new")).unwrap(), b"new\n");
+    assert!(!root.join("etc/old").exists());
+    let doc: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("out/rootless.changes.json")).unwrap()).unwrap();
+    let got: Vec<&str> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["change"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ["added", "deleted"]);
+    // init alone, as that user, says what to do instead.
+    let o = std::process::Command::new(layerpack_tests::layerpack_bin())
+        .args([
+            "init",
+            "alone",
+            "--root",
+            root.to_str().unwrap(),
+            "--backend",
+            "overlayfs",
+        ])
+        .env("LAYERPACK_STATE_DIR", d.join("state"))
+        .uid(UNPRIVILEGED)
+        .gid(UNPRIVILEGED)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("layerpack run --backend overlayfs"));
+    fs::remove_dir_all(&d).unwrap();
+}
