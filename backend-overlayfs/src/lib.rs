@@ -321,6 +321,37 @@ impl LayerBackend for OverlayBackend {
             let _ = Self::remove_session_dirs(spec);
         };
         let result = (|| -> Result<PathBuf> {
+            const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+            let fs_type = nix::sys::statfs::statfs(&spec.base)
+                .map_err(|e| Error::io(&spec.base, "cannot statfs", e.into()))?
+                .filesystem_type()
+                .0 as i64;
+            if fs_type == OVERLAYFS_SUPER_MAGIC {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "the root {} is itself on overlayfs; nested overlays cannot hold the upper layer's whiteouts. Use the snapshot backend here",
+                        spec.base.display()
+                    ),
+                ));
+            }
+            let probe_name = if self.user_namespace {
+                "user.overlay.layerpack-probe"
+            } else {
+                "trusted.overlay.layerpack-probe"
+            };
+            if let Err(e) = xattr::set(&upper, probe_name, b"1") {
+                return Err(Error::io(
+                    &upper,
+                    format!(
+                        "the state directory's filesystem does not take {} xattrs, which overlayfs needs for its upper layer (tmpfs as an unprivileged user, some network filesystems); put state_dir on ext4, xfs or btrfs",
+                        probe_name.trim_end_matches("layerpack-probe")
+                    ),
+                    e,
+                )
+                .with_kind(ErrorKind::Unsupported));
+            }
+            let _ = xattr::remove(&upper, probe_name);
             let dev = |p: &Path| {
                 fs::metadata(p)
                     .map(|m| m.dev())

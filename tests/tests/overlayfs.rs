@@ -468,3 +468,36 @@ fn rootless_run_passes_the_scenarios_that_need_no_root() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("layerpack run --backend overlayfs"));
     fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn a_root_on_overlayfs_is_refused_with_the_reason() {
+    if !available() {
+        return;
+    }
+    let d = scratch("nested");
+    for sub in ["base", "s1", "s2"] {
+        fs::create_dir(d.join(sub)).unwrap();
+    }
+    let b = OverlayBackend::new(OverlayConfig::default(), Path::new("/"));
+    let outer = SessionSpec {
+        package: "outer".into(),
+        base: fs::canonicalize(d.join("base")).unwrap(),
+        dir: d.join("s1"),
+    };
+    let merged = b.begin(&outer).unwrap();
+    let inner = SessionSpec {
+        package: "inner".into(),
+        base: merged,
+        dir: d.join("s2"),
+    };
+    let err = b.begin(&inner).unwrap_err();
+    b.discard(&outer).unwrap();
+    assert_eq!(err.kind(), layerpack_core::ErrorKind::Unsupported);
+    assert!(err.to_string().contains("itself on overlayfs"), "{err}");
+    assert_eq!(
+        fs::read_dir(d.join("s2")).unwrap().count(),
+        0,
+        "begin undid its work"
+    );
+    fs::remove_dir_all(&d).unwrap();
+}
