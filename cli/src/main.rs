@@ -689,7 +689,7 @@ impl App {
             )?;
         } else {
             print_line(&format!(
-                "selftest {name}: {passed} passed, {failed} failed, {skipped} skipped"
+                "{name}: {passed} passed, {failed} failed, {skipped} skipped"
             ))?;
         }
         Ok(if failed == 0 {

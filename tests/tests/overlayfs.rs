@@ -388,6 +388,7 @@ fn rootless_run_passes_the_scenarios_that_need_no_root() {
         String::from_utf8_lossy(&o.stderr)
     );
     let summary = out.lines().last().unwrap();
+    assert!(summary.starts_with("overlayfs: "), "{summary}");
     let passed: u32 = summary
         .split(": ")
         .nth(1)
