@@ -9,8 +9,8 @@
 //! mount uses `index=off`, `metacopy=off` and `redirect_dir=off` (where the
 //! kernel knows them) so the upper layer can be read on its own.
 //!
-//! Needs root. See `docs.md` for the capability table and what is not done
-//! yet (in-place mounting on the base, rootless `run`).
+//! Needs root, or `run` through a user namespace. Mount calls go through
+//! [`layerpack_core::sys::Sys`], so tests can record them. See `docs.md`.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -22,11 +22,13 @@ use layerpack_core::backend::{
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::ChangeSet;
 use layerpack_core::registry::{Origin, Registry};
+use layerpack_core::sys::{MountFlags, RealSys, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
 use layerpack_core::{Error, ErrorKind, Result};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// The name this backend registers under.
 pub const NAME: &str = "overlayfs";
@@ -48,6 +50,7 @@ pub struct OverlayBackend {
     cfg: OverlayConfig,
     proc_root: PathBuf,
     user_namespace: bool,
+    sys: Arc<dyn Sys>,
 }
 
 /// Make this process root of a new user namespace (mapped to the caller's
@@ -91,7 +94,14 @@ impl OverlayBackend {
             cfg,
             proc_root: proc_root.to_path_buf(),
             user_namespace: false,
+            sys: Arc::new(RealSys),
         }
+    }
+
+    /// Make the privileged calls through `sys` (a recording fake in tests).
+    pub fn with_sys(mut self, sys: Arc<dyn Sys>) -> OverlayBackend {
+        self.sys = sys;
+        self
     }
 
     /// This process is in a user namespace made by
@@ -141,17 +151,7 @@ impl OverlayBackend {
 
     /// True if something (of `fstype`, if given) is mounted at `at`.
     fn is_mounted(&self, at: &Path, fstype: Option<&str>) -> bool {
-        let Ok(info) = fs::read_to_string(self.proc_root.join("proc/self/mountinfo")) else {
-            return false;
-        };
-        let want = at.to_string_lossy();
-        info.lines().any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-");
-            let ty = sep.and_then(|i| f.get(i + 1)).copied();
-            f.get(4).is_some_and(|mp| unescape_mountinfo(mp) == want)
-                && fstype.is_none_or(|t| ty == Some(t))
-        })
+        self.sys.is_mounted(at, fstype)
     }
 
     /// Options the running kernel's overlay knows, from its module
@@ -199,13 +199,9 @@ impl OverlayBackend {
 
     fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
         if self.is_mounted(at, fstype) {
-            umount2(at, MntFlags::empty()).map_err(|e| {
-                Error::io(
-                    at,
-                    "cannot unmount (is a process still using it?)",
-                    e.into(),
-                )
-            })?;
+            self.sys
+                .umount(at)
+                .map_err(|e| Error::io(at, "cannot unmount (is a process still using it?)", e))?;
         }
         Ok(())
     }
@@ -230,26 +226,6 @@ impl OverlayBackend {
         let _ = fs::remove_file(spec.dir.join("mode"));
         Ok(())
     }
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Register the overlayfs backend with `registry`.
@@ -382,35 +358,34 @@ impl LayerBackend for OverlayBackend {
             let (lowerdir, target) = if in_place {
                 // A private bind of the root keeps it reachable (from any
                 // later process) once the overlay covers it.
-                mount(
-                    Some(&spec.base),
-                    &lower,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e.into()))?;
-                mount(
-                    None::<&str>,
-                    &lower,
-                    None::<&str>,
-                    MsFlags::MS_PRIVATE,
-                    None::<&str>,
-                )
-                .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e.into()))?;
+                let bind = MountFlags {
+                    bind: true,
+                    ..MountFlags::default()
+                };
+                let private = MountFlags {
+                    private: true,
+                    ..MountFlags::default()
+                };
+                self.sys
+                    .mount(Some(&spec.base), &lower, None, bind, None)
+                    .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e))?;
+                self.sys
+                    .mount(None, &lower, None, private, None)
+                    .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e))?;
                 (lower.clone(), spec.base.clone())
             } else {
                 (spec.base.clone(), merged.clone())
             };
             let opts = self.mount_options(&lowerdir, &upper, &work)?;
-            mount(
-                Some("overlay"),
-                &target,
-                Some("overlay"),
-                MsFlags::empty(),
-                Some(opts.as_str()),
-            )
-            .map_err(|e| Error::io(&target, format!("cannot mount overlay ({opts})"), e.into()))?;
+            self.sys
+                .mount(
+                    Some(Path::new("overlay")),
+                    &target,
+                    Some("overlay"),
+                    MountFlags::default(),
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| Error::io(&target, format!("cannot mount overlay ({opts})"), e))?;
             Ok(target)
         })();
         if result.is_err() {
@@ -492,8 +467,123 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    use layerpack_core::sys::{Call, FakeSys};
+
+    /// A fake /proc and /sys where overlay exists with all three options,
+    /// a base, and a session directory.
+    fn fake_setup(tag: &str) -> (PathBuf, SessionSpec) {
+        let root = std::env::temp_dir().join(format!("lp-ovl-fake-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("proc")).unwrap();
+        fs::write(root.join("proc/filesystems"), "nodev\toverlay\n").unwrap();
+        let params = root.join("sys/module/overlay/parameters");
+        fs::create_dir_all(&params).unwrap();
+        for p in ["index", "metacopy", "redirect_dir"] {
+            fs::write(params.join(p), "N\n").unwrap();
+        }
+        fs::create_dir_all(root.join("base")).unwrap();
+        fs::create_dir_all(root.join("session")).unwrap();
+        let spec = SessionSpec {
+            package: "fake".into(),
+            base: fs::canonicalize(root.join("base")).unwrap(),
+            dir: fs::canonicalize(root.join("session")).unwrap(),
+        };
+        (root, spec)
+    }
+
+    fn in_place() -> OverlayConfig {
+        OverlayConfig {
+            in_place: true,
+            ..OverlayConfig::default()
+        }
+    }
+
+    /// The exact calls of an in-place session, through the fake (user
+    /// namespace mode, so the xattr probe on the upper needs no root).
     #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+    fn in_place_session_makes_exactly_these_calls() {
+        let (root, spec) = fake_setup("calls");
+        let fake = Arc::new(FakeSys::new());
+        let b = OverlayBackend::new(in_place(), &root)
+            .in_user_namespace(true)
+            .with_sys(fake.clone());
+        let merged = b.begin(&spec).unwrap();
+        assert_eq!(merged, spec.base);
+        let lower = spec.dir.join("lower");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},userxattr,index=off,metacopy=off,redirect_dir=nofollow",
+            lower.display(),
+            spec.dir.join("upper").display(),
+            spec.dir.join("work").display()
+        );
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Mount {
+                    source: Some(spec.base.clone()),
+                    target: lower.clone(),
+                    fstype: None,
+                    flags: MountFlags {
+                        bind: true,
+                        private: false
+                    },
+                    data: None
+                },
+                Call::Mount {
+                    source: None,
+                    target: lower.clone(),
+                    fstype: None,
+                    flags: MountFlags {
+                        bind: false,
+                        private: true
+                    },
+                    data: None
+                },
+                Call::Mount {
+                    source: Some(PathBuf::from("overlay")),
+                    target: spec.base.clone(),
+                    fstype: Some("overlay".into()),
+                    flags: MountFlags::default(),
+                    data: Some(opts)
+                },
+            ]
+        );
+        assert_eq!(b.health(&spec), Health::Ok);
+        b.discard(&spec).unwrap();
+        let calls = fake.calls();
+        assert_eq!(
+            calls[3..],
+            [
+                Call::Umount {
+                    target: spec.base.clone()
+                },
+                Call::Umount { target: lower }
+            ]
+        );
+        assert!(!spec.dir.join("upper").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A failing overlay mount undoes the bind mount and the directories.
+    #[test]
+    fn failed_mount_undoes_everything() {
+        let (root, spec) = fake_setup("fail");
+        let fake = Arc::new(FakeSys::new());
+        fake.fail_at(2, nix::errno::Errno::EINVAL as i32);
+        let b = OverlayBackend::new(in_place(), &root)
+            .in_user_namespace(true)
+            .with_sys(fake.clone());
+        let err = b.begin(&spec).unwrap_err();
+        assert!(err.to_string().contains("cannot mount overlay"), "{err}");
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert_eq!(
+            calls[3],
+            Call::Umount {
+                target: spec.dir.join("lower")
+            }
+        );
+        assert_eq!(fs::read_dir(&spec.dir).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
     }
 }

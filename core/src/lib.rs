@@ -19,6 +19,7 @@ pub mod pack;
 pub mod registry;
 pub mod scenarios;
 pub mod session;
+pub mod sys;
 pub mod tree;
 
 pub use error::{Error, ErrorKind, Result};

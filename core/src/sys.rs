@@ -1,0 +1,248 @@
+//! A narrow trait over the privileged calls backends make (mount, umount),
+//! with the real implementation and a recording fake. Backends take one in
+//! their constructor, so tests — here and in integration tests — can check
+//! the exact calls and inject failures without root or a kernel feature.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Mount flags layerpack uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// `MS_BIND`.
+    pub bind: bool,
+    /// `MS_PRIVATE` (change propagation of an existing mount).
+    pub private: bool,
+}
+
+/// One recorded call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// `mount(2)`.
+    Mount {
+        /// Source (device, `overlay`, or the directory to bind).
+        source: Option<PathBuf>,
+        /// Mount point.
+        target: PathBuf,
+        /// Filesystem type.
+        fstype: Option<String>,
+        /// Flags.
+        flags: MountFlags,
+        /// Option string.
+        data: Option<String>,
+    },
+    /// `umount2(2)` without flags.
+    Umount {
+        /// Mount point.
+        target: PathBuf,
+    },
+}
+
+/// The privileged calls.
+pub trait Sys: Send + Sync {
+    /// `mount(2)`.
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MountFlags,
+        data: Option<&str>,
+    ) -> io::Result<()>;
+
+    /// `umount2(2)`.
+    fn umount(&self, target: &Path) -> io::Result<()>;
+
+    /// Whether something of `fstype` (any, if `None`) is mounted at `target`.
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool;
+}
+
+/// The real calls (Linux).
+pub struct RealSys;
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Is something (of `fstype`) mounted at `target`, per mountinfo `text`.
+pub fn mountinfo_has(text: &str, target: &Path, fstype: Option<&str>) -> bool {
+    let want = target.to_string_lossy();
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let ty = f
+            .iter()
+            .position(|x| *x == "-")
+            .and_then(|i| f.get(i + 1))
+            .copied();
+        f.get(4).is_some_and(|mp| unescape_mountinfo(mp) == want)
+            && fstype.is_none_or(|t| ty == Some(t))
+    })
+}
+
+impl Sys for RealSys {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MountFlags,
+        data: Option<&str>,
+    ) -> io::Result<()> {
+        use nix::mount::MsFlags;
+        let mut f = MsFlags::empty();
+        if flags.bind {
+            f |= MsFlags::MS_BIND;
+        }
+        if flags.private {
+            f |= MsFlags::MS_PRIVATE;
+        }
+        nix::mount::mount(source, target, fstype, f, data).map_err(io::Error::from)
+    }
+
+    fn umount(&self, target: &Path) -> io::Result<()> {
+        nix::mount::umount2(target, nix::mount::MntFlags::empty()).map_err(io::Error::from)
+    }
+
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|t| mountinfo_has(&t, target, fstype))
+    }
+}
+
+/// Records every call, keeps a table of what is "mounted", and fails the
+/// call numbered `fail_at` (0-based) with `errno` when set.
+#[derive(Default)]
+pub struct FakeSys {
+    calls: Mutex<Vec<Call>>,
+    mounted: Mutex<Vec<(PathBuf, Option<String>)>>,
+    fail: Mutex<Option<(usize, i32)>>,
+}
+
+impl FakeSys {
+    /// A fake with nothing mounted.
+    pub fn new() -> FakeSys {
+        FakeSys::default()
+    }
+
+    /// Make call number `n` (0-based, counting every call) fail with `errno`.
+    pub fn fail_at(&self, n: usize, errno: i32) {
+        *self.fail.lock().unwrap_or_else(|p| p.into_inner()) = Some((n, errno));
+    }
+
+    /// The calls so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, c: Call) -> io::Result<()> {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let n = calls.len();
+        calls.push(c);
+        match *self.fail.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((at, errno)) if at == n => Err(io::Error::from_raw_os_error(errno)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Sys for FakeSys {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MountFlags,
+        data: Option<&str>,
+    ) -> io::Result<()> {
+        self.record(Call::Mount {
+            source: source.map(Path::to_path_buf),
+            target: target.to_path_buf(),
+            fstype: fstype.map(str::to_string),
+            flags,
+            data: data.map(str::to_string),
+        })?;
+        if !flags.private {
+            let ty = if flags.bind {
+                None
+            } else {
+                fstype.map(str::to_string)
+            };
+            self.mounted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((target.to_path_buf(), ty));
+        }
+        Ok(())
+    }
+
+    fn umount(&self, target: &Path) -> io::Result<()> {
+        self.record(Call::Umount {
+            target: target.to_path_buf(),
+        })?;
+        let mut m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = m.iter().rposition(|(t, _)| t == target) {
+            m.remove(i);
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+    }
+
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool {
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(t, ty)| t == target && fstype.is_none_or(|f| ty.as_deref() == Some(f)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_matched_with_escapes_and_type() {
+        let text = "36 25 0:32 / /a\\040b rw,relatime shared:1 - overlay overlay rw,lowerdir=/x\n";
+        assert!(mountinfo_has(text, Path::new("/a b"), Some("overlay")));
+        assert!(mountinfo_has(text, Path::new("/a b"), None));
+        assert!(!mountinfo_has(text, Path::new("/a b"), Some("ext4")));
+        assert!(!mountinfo_has(text, Path::new("/a"), None));
+    }
+
+    #[test]
+    fn fake_records_tracks_and_fails_on_demand() {
+        let f = FakeSys::new();
+        f.fail_at(1, libc::EBUSY);
+        f.mount(
+            Some(Path::new("overlay")),
+            Path::new("/m"),
+            Some("overlay"),
+            MountFlags::default(),
+            Some("o"),
+        )
+        .unwrap();
+        assert!(f.is_mounted(Path::new("/m"), Some("overlay")));
+        assert_eq!(
+            f.umount(Path::new("/m")).unwrap_err().raw_os_error(),
+            Some(libc::EBUSY)
+        );
+        assert_eq!(f.calls().len(), 2);
+    }
+}
