@@ -25,8 +25,8 @@ use layerpack_core::config::BackendConfig;
 use layerpack_core::model::{ChangeSet, FileKind};
 use layerpack_core::registry::{Origin, Registry};
 use layerpack_core::tree::{
-    classify_by_stat, diff_streams, hash_file, meta_differs, read_xattrs, Progress, Record,
-    ScanOptions, TreeScan, Verdict,
+    classify_by_stat, compare_by_hash, diff_streams, hash_file, meta_differs, read_xattrs,
+    Progress, Record, ScanOptions, TreeScan, Verdict,
 };
 use layerpack_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
@@ -293,13 +293,7 @@ fn decide_same_size_and_mtime(
         Verdict::Same
     };
     if let Some(old_hash) = o.sha256 {
-        let new_hash = hash_file(&n.path.under(base))?;
-        n.sha256 = Some(new_hash);
-        return Ok(if old_hash != new_hash {
-            Verdict::Content
-        } else {
-            meta
-        });
+        return compare_by_hash(o, old_hash, n, &n.path.under(base));
     }
     if untouched {
         return Ok(Verdict::Same);

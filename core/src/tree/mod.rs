@@ -550,6 +550,58 @@ pub fn classify_by_stat(old: &Record, new: &Record) -> Option<Verdict> {
     }
 }
 
+/// Decide between two regular files with equal size and mtime by their
+/// bytes: hashes `new` (keeping the hash in it) and compares with
+/// `old_hash`; equal bytes leave metadata to decide.
+pub fn compare_by_hash(
+    old: &Record,
+    old_hash: [u8; 32],
+    new: &mut Record,
+    new_abs: &Path,
+) -> Result<Verdict> {
+    let new_hash = hash_file(new_abs)?;
+    new.sha256 = Some(new_hash);
+    Ok(if old_hash != new_hash {
+        Verdict::Content
+    } else if meta_differs(old, new) {
+        Verdict::Metadata
+    } else {
+        Verdict::Same
+    })
+}
+
+/// Numbers the hard-link groups of reported files by (device, inode); a
+/// group of one (a link to something outside the layer) is no group.
+#[derive(Default)]
+pub struct LinkGroups {
+    by_inode: HashMap<(u64, u64), u32>,
+    members: HashMap<u32, u32>,
+}
+
+impl LinkGroups {
+    /// The group of `r`, if it is a regular file with other links.
+    pub fn assign(&mut self, r: &Record) -> Option<u32> {
+        if r.kind != FileKind::File || r.nlink < 2 {
+            return None;
+        }
+        let next = self.by_inode.len() as u32;
+        let g = *self.by_inode.entry((r.dev, r.ino)).or_insert(next);
+        *self.members.entry(g).or_insert(0) += 1;
+        Some(g)
+    }
+
+    /// Drop the groups that ended up with a single member.
+    pub fn finish(&self, changes: &mut [Change]) {
+        for c in changes {
+            if let Some(g) = c.meta.link_group {
+                if self.members.get(&g).copied().unwrap_or(0) < 2 {
+                    c.meta.link_group = None;
+                }
+            }
+        }
+    }
+}
+
 /// Merge two ordered entry streams into a change set.
 ///
 /// `decide` is asked about every path present in both; `added` completes
@@ -565,9 +617,7 @@ pub fn diff_streams(
     let mut old = old.peekable();
     let mut new = new.peekable();
     let mut changes: Vec<Change> = Vec::new();
-    // (dev, ino) of reported multi-link files, to group hard links.
-    let mut links: HashMap<(u64, u64), u32> = HashMap::new();
-    let mut link_members: HashMap<u32, u32> = HashMap::new();
+    let mut links = LinkGroups::default();
     loop {
         let ord = match (old.peek(), new.peek()) {
             (None, None) => break,
@@ -625,26 +675,14 @@ pub fn diff_streams(
             n.sha256 = Some(hash_file(&n.path.under(new_root))?);
         }
         let mut meta = n.to_meta();
-        if n.kind == FileKind::File && n.nlink > 1 {
-            let next = links.len() as u32;
-            let g = *links.entry((n.dev, n.ino)).or_insert(next);
-            *link_members.entry(g).or_insert(0) += 1;
-            meta.link_group = Some(g);
-        }
+        meta.link_group = links.assign(&n);
         changes.push(Change {
             path: n.path,
             kind,
             meta,
         });
     }
-    // A group of one is a link to something outside the layer: not a group.
-    for c in &mut changes {
-        if let Some(g) = c.meta.link_group {
-            if link_members.get(&g).copied().unwrap_or(0) < 2 {
-                c.meta.link_group = None;
-            }
-        }
-    }
+    links.finish(&mut changes);
     Ok(ChangeSet::from_unsorted(changes))
 }
 
@@ -671,15 +709,7 @@ pub fn diff_trees(before: &Path, after: &Path, opts: &ScanOptions) -> Result<Cha
                 return Ok(v);
             }
             let old_hash = hash_file(&o.path.under(&before))?;
-            let new_hash = hash_file(&n.path.under(after))?;
-            n.sha256 = Some(new_hash);
-            Ok(if old_hash != new_hash {
-                Verdict::Content
-            } else if meta_differs(o, n) {
-                Verdict::Metadata
-            } else {
-                Verdict::Same
-            })
+            compare_by_hash(o, old_hash, n, &n.path.under(after))
         },
         |_| Ok(()),
     )

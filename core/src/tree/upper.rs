@@ -5,12 +5,13 @@
 //! it hides, a copied-up entry is a change only if its bytes or metadata
 //! differ, and internal xattrs are never content.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use crate::model::{Change, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::{
-    classify_by_stat, hash_file, meta_differs, Record, ScanOptions, TreeScan, Verdict,
+    classify_by_stat, compare_by_hash, hash_file, meta_differs, LinkGroups, Record, ScanOptions,
+    TreeScan, Verdict,
 };
 use crate::{Error, ErrorKind, Result};
 
@@ -98,8 +99,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
     let mut changes: BTreeMap<RelPath, Change> = BTreeMap::new();
     let mut present: HashSet<RelPath> = HashSet::new();
     let mut hidden: Vec<RelPath> = Vec::new();
-    let mut links: HashMap<(u64, u64), u32> = HashMap::new();
-    let mut link_members: HashMap<u32, u32> = HashMap::new();
+    let mut links = LinkGroups::default();
     let deleted = |changes: &mut BTreeMap<RelPath, Change>, r: &Record| {
         changes.insert(
             r.path.clone(),
@@ -145,15 +145,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
                     Some(v) => v,
                     None => {
                         let old_hash = hash_file(&o.path.under(base))?;
-                        let new_hash = hash_file(&abs)?;
-                        r.sha256 = Some(new_hash);
-                        if old_hash != new_hash {
-                            Verdict::Content
-                        } else if meta_differs(o, &r) {
-                            Verdict::Metadata
-                        } else {
-                            Verdict::Same
-                        }
+                        compare_by_hash(o, old_hash, &mut r, &abs)?
                     }
                 };
                 match v {
@@ -172,12 +164,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             r.sha256 = Some(hash_file(&abs)?);
         }
         let mut meta = r.to_meta();
-        if r.kind == FileKind::File && r.nlink > 1 {
-            let next = links.len() as u32;
-            let g = *links.entry((r.dev, r.ino)).or_insert(next);
-            *link_members.entry(g).or_insert(0) += 1;
-            meta.link_group = Some(g);
-        }
+        meta.link_group = links.assign(&r);
         changes.insert(
             r.path.clone(),
             Change {
@@ -197,12 +184,6 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         }
     }
     let mut out: Vec<Change> = changes.into_values().collect();
-    for c in &mut out {
-        if let Some(g) = c.meta.link_group {
-            if link_members.get(&g).copied().unwrap_or(0) < 2 {
-                c.meta.link_group = None;
-            }
-        }
-    }
+    links.finish(&mut out);
     Ok(ChangeSet::from_unsorted(out))
 }
