@@ -37,6 +37,14 @@ fn lp(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `layerpack run <pkg> --root root --out out <opts> -- sh -c <script>` in `dir`.
+fn install(dir: &Path, pkg: &str, opts: &[&str], script: &str) -> Output {
+    let mut args = vec!["run", pkg, "--root", "root", "--out", "out"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    lp(dir, &args)
+}
+
 fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -265,21 +273,7 @@ fn openwrt_ipk_is_a_gzipped_tar_of_the_three_members() {
 fn missing_version_is_an_error_only_when_a_format_was_asked_for() {
     let d = scratch("nover");
     fs::create_dir_all(d.join("root")).unwrap();
-    let o = lp(
-        &d,
-        &[
-            "run",
-            "pkg",
-            "--root",
-            "root",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "touch \"$LAYERPACK_ROOT/f\"",
-        ],
-    );
+    let o = install(&d, "pkg", &[], "touch \"$LAYERPACK_ROOT/f\"");
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -306,22 +300,11 @@ fn missing_version_is_an_error_only_when_a_format_was_asked_for() {
 fn names_outside_the_ipk_alphabet_are_mapped_and_said() {
     let d = scratch("names");
     fs::create_dir_all(d.join("root")).unwrap();
-    let o = lp(
+    let o = install(
         &d,
-        &[
-            "run",
-            "Foo_Bar",
-            "--root",
-            "root",
-            "--version",
-            "2:1.0-r1",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "touch \"$LAYERPACK_ROOT/f\"",
-        ],
+        "Foo_Bar",
+        &["--version", "2:1.0-r1"],
+        "touch \"$LAYERPACK_ROOT/f\"",
     );
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("'Foo_Bar' is written as 'foo-bar'"));
@@ -346,22 +329,11 @@ fn deletions_go_into_postinst_and_the_postinst_removes_exactly_them() {
         .args(["-a", root.to_str().unwrap(), target.to_str().unwrap()])
         .status()
         .unwrap();
-    ok(&lp(
+    ok(&install(
         &d,
-        &[
-            "run",
-            "del",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "rm -r \"$LAYERPACK_ROOT/etc/it's gone\" \"$LAYERPACK_ROOT/etc/dir\"",
-        ],
+        "del",
+        &["--version", "1"],
+        "rm -r \"$LAYERPACK_ROOT/etc/it's gone\" \"$LAYERPACK_ROOT/etc/dir\"",
     ));
     let parts = unpack_ar(&d.join("out/del_1_all.ipk"));
     let ctl = parts.join("control");
@@ -406,60 +378,26 @@ fn deletions_go_into_postinst_and_the_postinst_removes_exactly_them() {
 fn changes_to_another_packages_files_are_collisions() {
     let d = scratch("collide");
     fs::create_dir_all(d.join("root")).unwrap();
-    ok(&lp(
+    ok(&install(
         &d,
-        &[
-            "run",
-            "first",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "mkdir -p \"$LAYERPACK_ROOT/etc\"; echo 1 > \"$LAYERPACK_ROOT/etc/shared.conf\"",
-        ],
+        "first",
+        &["--version", "1"],
+        "mkdir -p \"$LAYERPACK_ROOT/etc\"; echo 1 > \"$LAYERPACK_ROOT/etc/shared.conf\"",
     ));
-    let o = lp(
+    let o = install(
         &d,
-        &[
-            "run",
-            "second",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "echo 2 >> \"$LAYERPACK_ROOT/etc/shared.conf\"",
-        ],
+        "second",
+        &["--version", "1"],
+        "echo 2 >> \"$LAYERPACK_ROOT/etc/shared.conf\"",
     );
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("etc/shared.conf: touched by more than one package (first installed it, second changed it)"), "{err}");
-    let o = lp(
+    let o = install(
         &d,
-        &[
-            "run",
-            "third",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--out",
-            "out",
-            "--strict",
-            "--",
-            "sh",
-            "-c",
-            "echo 3 >> \"$LAYERPACK_ROOT/etc/shared.conf\"",
-        ],
+        "third",
+        &["--version", "1", "--strict"],
+        "echo 3 >> \"$LAYERPACK_ROOT/etc/shared.conf\"",
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--strict"));
@@ -832,46 +770,20 @@ fn oci_layer_uses_whiteouts_and_refuses_wh_names() {
     let root = d.join("root");
     fs::create_dir_all(root.join("etc")).unwrap();
     fs::write(root.join("etc/gone"), b"g").unwrap();
-    ok(&lp(
+    ok(&install(
         &d,
-        &[
-            "run",
-            "oo",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--format",
-            "oci",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "rm \"$LAYERPACK_ROOT/etc/gone\"; echo n > \"$LAYERPACK_ROOT/etc/new\"",
-        ],
+        "oo",
+        &["--version", "1", "--format", "oci"],
+        "rm \"$LAYERPACK_ROOT/etc/gone\"; echo n > \"$LAYERPACK_ROOT/etc/new\"",
     ));
     let layer = d.join("out/oo_1_all.oci-layer.tar");
     let list = ok(&tool("tar", &["-tf", layer.to_str().unwrap()]).unwrap());
     assert_eq!(list, "etc/\netc/.wh.gone\netc/new\n");
-    let o = lp(
+    let o = install(
         &d,
-        &[
-            "run",
-            "ww",
-            "--root",
-            "root",
-            "--version",
-            "1",
-            "--format",
-            "oci",
-            "--out",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "echo > \"$LAYERPACK_ROOT/etc/.wh.real\"",
-        ],
+        "ww",
+        &["--version", "1", "--format", "oci"],
+        "echo > \"$LAYERPACK_ROOT/etc/.wh.real\"",
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("etc/.wh.real"));
@@ -889,8 +801,7 @@ fn oci_layer_uses_whiteouts_and_refuses_wh_names() {
 fn dpkg_extracts_the_deb_to_the_same_tree_as_apply() {
     let d = scratch("deb");
     fs::create_dir_all(d.join("root")).unwrap();
-    ok(&lp(&d, &["run", "tree", "--root", "root", "--version", "1.0", "--format", "deb", "--out", "out", "--", "sh", "-c",
-        "cd \"$LAYERPACK_ROOT\" && mkdir -p usr/lib usr/bin && echo lib > usr/lib/libx.so.1 && ln -s libx.so.1 usr/lib/libx.so && printf '#!/bin/sh\\n' > usr/bin/t && chmod 755 usr/bin/t && ln usr/bin/t usr/bin/t2"]));
+    ok(&install(&d, "tree", &["--version", "1.0", "--format", "deb"], "cd \"$LAYERPACK_ROOT\" && mkdir -p usr/lib usr/bin && echo lib > usr/lib/libx.so.1 && ln -s libx.so.1 usr/lib/libx.so && printf '#!/bin/sh\\n' > usr/bin/t && chmod 755 usr/bin/t && ln usr/bin/t usr/bin/t2"));
     let deb = d.join("out/tree_1.0_all.deb");
     let Some(o) = tool(
         "dpkg-deb",

@@ -51,6 +51,15 @@ fn with_ctx<T>(state: &Path, f: impl FnOnce(&Context) -> T) -> T {
     f(&ctx)
 }
 
+/// `final` of `pkg` with no outputs, expected to fail.
+fn final_err(ctx: &Context, pkg: &str) -> layerpack_core::Error {
+    ctx.finish(pkg, Finish::MoveDown, &ChangeOptions::default(), |_, _| {
+        Ok(())
+    })
+    .err()
+    .expect("final should fail")
+}
+
 /// Sorted listing of a tree with sizes, to prove it unchanged.
 fn listing(root: &Path) -> Vec<(PathBuf, u64)> {
     let mut v = Vec::new();
@@ -170,12 +179,7 @@ fn final_without_init_is_not_found() {
     let fx = Fixture::new("noinit");
     let before = listing(&fx.root());
     with_ctx(&fx.state(), |ctx| {
-        let e = ctx
-            .finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-                Ok(())
-            })
-            .err()
-            .unwrap();
+        let e = final_err(ctx, "p");
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(e.to_string().contains("layerpack init p"), "{e}");
     });
@@ -191,12 +195,7 @@ fn corrupt_or_truncated_session_file_is_reported_and_abort_clears_it() {
         let full = fs::read(&file).unwrap();
         for broken in [&full[..full.len() / 2], b"{not json" as &[u8], b""] {
             fs::write(&file, broken).unwrap();
-            let e = ctx
-                .finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-                    Ok(())
-                })
-                .err()
-                .unwrap();
+            let e = final_err(ctx, "p");
             assert_eq!(e.kind(), ErrorKind::Corrupt);
             assert!(e.to_string().contains("session.json"), "{e}");
             assert!(e.to_string().contains("layerpack abort p"), "{e}");
@@ -217,12 +216,7 @@ fn corrupt_snapshot_index_is_reported() {
         let idx = fx.state().join("sessions/p/backend/snapshot.idx");
         let full = fs::read(&idx).unwrap();
         fs::write(&idx, &full[..full.len() - 3]).unwrap();
-        let e = ctx
-            .finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-                Ok(())
-            })
-            .err()
-            .unwrap();
+        let e = final_err(ctx, "p");
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert_eq!(session_dirs(&fx.state()), ["p"], "session kept for abort");
     });
@@ -301,12 +295,7 @@ fn a_locked_package_is_busy() {
         ctx.init("p", &fx.root(), None, None).unwrap();
         let other = StateDir::open(&fx.state()).unwrap();
         let _held = other.lock_package("p").unwrap();
-        let e = ctx
-            .finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-                Ok(())
-            })
-            .err()
-            .unwrap();
+        let e = final_err(ctx, "p");
         assert_eq!(e.kind(), ErrorKind::Busy);
     });
 }
