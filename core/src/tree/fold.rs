@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use super::upper::WhiteoutFormat;
+use super::upper::{UpperEntry, WhiteoutFormat, AUFS_OPAQUE, AUFS_WH_PREFIX};
 use super::{is_internal_xattr, Record};
 use crate::model::{FileKind, RelPath};
 use crate::{Error, ErrorKind, Result};
@@ -43,7 +43,7 @@ fn rm_rf(p: &Path) -> io::Result<()> {
     }
 }
 
-fn strip_internal_xattrs(p: &Path) -> io::Result<()> {
+pub(crate) fn strip_internal_xattrs(p: &Path) -> io::Result<()> {
     let names = match xattr::list(p) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
@@ -79,10 +79,13 @@ impl Folder<'_> {
     fn move_entry(&mut self, rel: &RelPath) -> Result<()> {
         let (u, b) = (rel.under(self.upper), rel.under(self.base));
         // Strip markers first, so the rename is the step that consumes it.
+        // Below a directory the base lacks, whiteouts and opaque markers
+        // hide nothing: they go.
         if fs::symlink_metadata(&u)
             .map(|m| m.is_dir())
             .unwrap_or(false)
         {
+            let mut markers = Vec::new();
             for r in super::TreeScan::start(
                 &u,
                 super::ScanOptions {
@@ -91,10 +94,17 @@ impl Folder<'_> {
                 },
             )? {
                 let r = r?;
-                if r.kind != FileKind::Symlink {
-                    strip_internal_xattrs(&r.path.under(&u))
-                        .map_err(self.io(&r.path.under(&u), "cannot clear overlay xattrs"))?;
+                let abs = r.path.under(&u);
+                if self.format.entry(&r, &abs) != UpperEntry::Content {
+                    markers.push(abs);
+                } else if r.kind != FileKind::Symlink {
+                    strip_internal_xattrs(&abs)
+                        .map_err(self.io(&abs, "cannot clear overlay xattrs"))?;
                 }
+            }
+            for m in markers {
+                self.step()?;
+                rm_rf(&m).map_err(self.io(&m, "cannot remove a marker"))?;
             }
         }
         if !fs::symlink_metadata(&u)
@@ -122,17 +132,38 @@ impl Folder<'_> {
             .map(|e| e.map(|e| e.file_name().into_encoded_bytes()))
             .collect::<io::Result<_>>()
             .map_err(self.io(&udir, "cannot list upper directory"))?;
-        names.sort();
+        // Whiteouts first: with aufs a whiteout names its sibling, which
+        // must be gone from the base before anything is moved in.
+        names.sort_by_key(|n| (!n.starts_with(AUFS_WH_PREFIX), n.clone()));
         for name in names {
             let child = rel.join(&name);
             let (u, b) = (child.under(self.upper), child.under(self.base));
             let ur = Record::read(&u, child.clone(), false)?;
-            if self.format.is_whiteout(&ur, &u) {
-                self.step()?;
-                rm_rf(&b).map_err(self.io(&b, "cannot delete"))?;
-                self.step()?;
-                fs::remove_file(&u).map_err(self.io(&u, "cannot remove whiteout"))?;
-                continue;
+            match self.format.entry(&ur, &u) {
+                UpperEntry::Content => {}
+                UpperEntry::Whiteout(target) => {
+                    // A name present in the upper layer wins over its
+                    // whiteout: it is folded on its own.
+                    let shadowed =
+                        target != child && fs::symlink_metadata(target.under(self.upper)).is_ok();
+                    if !shadowed {
+                        let tb = target.under(self.base);
+                        self.step()?;
+                        rm_rf(&tb).map_err(self.io(&tb, "cannot delete"))?;
+                    }
+                    self.step()?;
+                    fs::remove_file(&u).map_err(self.io(&u, "cannot remove whiteout"))?;
+                    continue;
+                }
+                UpperEntry::Internal => {
+                    // The opaque marker is consumed with its directory;
+                    // aufs's own files and directories are dropped.
+                    if name != AUFS_OPAQUE {
+                        self.step()?;
+                        rm_rf(&u).map_err(self.io(&u, "cannot remove"))?;
+                    }
+                    continue;
+                }
             }
             let base_md = fs::symlink_metadata(&b).ok();
             let base_is_dir = base_md.as_ref().is_some_and(|m| m.is_dir());
@@ -146,7 +177,9 @@ impl Folder<'_> {
                         rm_rf(&e.path()).map_err(self.io(&e.path(), "cannot delete"))?;
                     }
                     self.step()?;
-                    strip_internal_xattrs(&u).map_err(self.io(&u, "cannot clear opaque marker"))?;
+                    self.format
+                        .clear_opaque(&u)
+                        .map_err(self.io(&u, "cannot clear opaque marker"))?;
                 }
                 self.fold_dir(&child)?;
                 // Directory metadata after its children.

@@ -6,6 +6,9 @@
 //! differ, and internal xattrs are never content.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::model::{Change, ChangeKind, ChangeSet, FileKind, RelPath};
@@ -25,35 +28,112 @@ pub enum WhiteoutFormat {
         /// Mounted with `userxattr` (unprivileged).
         userxattr: bool,
     },
+    /// aufs: whiteout = a file `.wh.<name>` next to the name it hides (a
+    /// hard link of the branch's `.wh..wh.aufs`); opaque = a file
+    /// `.wh..wh..opq` inside the directory. Every name starting with
+    /// `.wh..wh.` is aufs's own (`.wh..wh.aufs`, `.wh..wh.plnk/`,
+    /// `.wh..wh.orph/`, temporary `.wh..wh.<dir>.<hex>` directories) and
+    /// never content.
+    Aufs,
+}
+
+/// aufs's whiteout prefix.
+pub const AUFS_WH_PREFIX: &[u8] = b".wh.";
+/// aufs's prefix for its own entries (doubly whited out).
+pub const AUFS_INTERNAL_PREFIX: &[u8] = b".wh..wh.";
+/// aufs's opaque-directory marker.
+pub const AUFS_OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// What one entry of an upper layer is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpperEntry {
+    /// Content of the layer (added or changed).
+    Content,
+    /// A whiteout: the path it deletes.
+    Whiteout(RelPath),
+    /// The union filesystem's own bookkeeping (or below it): not content.
+    Internal,
 }
 
 impl WhiteoutFormat {
     fn xattr(self, name: &str) -> String {
         match self {
             WhiteoutFormat::Overlay { userxattr: true } => format!("user.overlay.{name}"),
-            WhiteoutFormat::Overlay { userxattr: false } => format!("trusted.overlay.{name}"),
+            WhiteoutFormat::Overlay { userxattr: false } | WhiteoutFormat::Aufs => {
+                format!("trusted.overlay.{name}")
+            }
         }
     }
 
-    /// True if `rec` (found at `abs` in the upper layer) is a whiteout.
-    pub fn is_whiteout(self, rec: &Record, abs: &Path) -> bool {
-        match rec.kind {
-            FileKind::CharDevice => rec.rdev == 0,
-            FileKind::File if rec.size == 0 => {
-                matches!(xattr::get(abs, self.xattr("whiteout")), Ok(Some(_)))
+    /// What `rec` (found at `abs` in the upper layer) is.
+    pub fn entry(self, rec: &Record, abs: &Path) -> UpperEntry {
+        match self {
+            WhiteoutFormat::Overlay { .. } => {
+                let whiteout = match rec.kind {
+                    FileKind::CharDevice => rec.rdev == 0,
+                    FileKind::File if rec.size == 0 => {
+                        matches!(xattr::get(abs, self.xattr("whiteout")), Ok(Some(_)))
+                    }
+                    _ => false,
+                };
+                if whiteout {
+                    UpperEntry::Whiteout(rec.path.clone())
+                } else {
+                    UpperEntry::Content
+                }
             }
-            _ => false,
+            WhiteoutFormat::Aufs => {
+                let bytes = rec.path.as_bytes();
+                if bytes
+                    .split(|&c| c == b'/')
+                    .any(|c| c.starts_with(AUFS_INTERNAL_PREFIX))
+                {
+                    return UpperEntry::Internal;
+                }
+                let name = rec.path.file_name();
+                match name.strip_prefix(AUFS_WH_PREFIX) {
+                    Some(hidden) if !hidden.is_empty() => {
+                        let parent = rec.path.parent().unwrap_or_else(RelPath::root);
+                        UpperEntry::Whiteout(parent.join(hidden))
+                    }
+                    _ => UpperEntry::Content,
+                }
+            }
         }
     }
 
     /// True if the upper directory at `abs` is opaque.
     pub fn is_opaque(self, abs: &Path) -> bool {
-        matches!(xattr::get(abs, self.xattr("opaque")), Ok(Some(v)) if v == b"y")
+        match self {
+            WhiteoutFormat::Overlay { .. } => {
+                matches!(xattr::get(abs, self.xattr("opaque")), Ok(Some(v)) if v == b"y")
+            }
+            WhiteoutFormat::Aufs => {
+                fs::symlink_metadata(abs.join(OsStr::from_bytes(AUFS_OPAQUE))).is_ok()
+            }
+        }
+    }
+
+    /// Remove the opaque marker of the upper directory at `abs` (and, for
+    /// overlayfs, every other internal xattr on it).
+    pub fn clear_opaque(self, abs: &Path) -> std::io::Result<()> {
+        match self {
+            WhiteoutFormat::Overlay { .. } => super::fold::strip_internal_xattrs(abs),
+            WhiteoutFormat::Aufs => {
+                match fs::remove_file(abs.join(OsStr::from_bytes(AUFS_OPAQUE))) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                }
+            }
+        }
     }
 
     /// Refuse an upper entry that only makes sense together with a lower
     /// one (renamed directories, metadata-only copy-up).
     pub fn check_supported(self, abs: &Path) -> Result<()> {
+        if self == WhiteoutFormat::Aufs {
+            return Ok(());
+        }
         for name in ["redirect", "metacopy"] {
             if let Ok(Some(_)) = xattr::get(abs, self.xattr(name)) {
                 return Err(Error::new(
@@ -114,15 +194,24 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         let mut r = rec?;
         let abs = r.path.under(upper);
         format.check_supported(&abs)?;
-        let old = base_record(base, &r.path)?;
-        if format.is_whiteout(&r, &abs) {
-            if let Some(old) = old {
-                for b in scan_below(base, &old.path)? {
-                    deleted(&mut changes, &b);
+        match format.entry(&r, &abs) {
+            UpperEntry::Internal => continue,
+            UpperEntry::Whiteout(target) => {
+                // A name present in the upper layer wins over its whiteout.
+                let shadowed = target != r.path
+                    && fs::symlink_metadata(target.under(upper)).is_ok();
+                if !shadowed {
+                    if let Some(old) = base_record(base, &target)? {
+                        for b in scan_below(base, &old.path)? {
+                            deleted(&mut changes, &b);
+                        }
+                    }
                 }
+                continue;
             }
-            continue;
+            UpperEntry::Content => {}
         }
+        let old = base_record(base, &r.path)?;
         present.insert(r.path.clone());
         let verdict = match &old {
             None => Some(ChangeKind::Added),
@@ -186,4 +275,166 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
     let mut out: Vec<Change> = changes.into_values().collect();
     links.finish(&mut out);
     Ok(ChangeSet::from_unsorted(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ChangeKind;
+    use crate::tree::fold::{fold, FoldOptions};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::PathBuf;
+
+    fn put(root: &Path, rel: &str, data: &[u8]) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+
+    /// A base and an upper branch laid out the way aufs writes one (see
+    /// AUFS-NOTES.md): whiteouts and the opaque marker are hard links of
+    /// `.wh..wh.aufs`, plus aufs's own directories and a temporary one.
+    fn aufs_fixture(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!("lp-aufs-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (base, upper) = (root.join("base"), root.join("upper"));
+        for (rel, data) in [
+            ("etc/a.conf", &b"old"[..]),
+            ("etc/gone", b"gone"),
+            ("opt/app/x", b"x"),
+            ("opt/app/sub/y", b"y"),
+            ("usr/keep", b"keep"),
+            ("var/olddir/f", b"f"),
+        ] {
+            put(&base, rel, data);
+        }
+        fs::create_dir_all(&upper).unwrap();
+        let wh = upper.join(".wh..wh.aufs");
+        fs::write(&wh, b"").unwrap();
+        fs::set_permissions(&wh, fs::Permissions::from_mode(0o444)).unwrap();
+        for d in [".wh..wh.plnk", ".wh..wh.orph", "usr/.wh..wh.olddir.1f2e"] {
+            fs::create_dir_all(upper.join(d)).unwrap();
+        }
+        put(&upper, "usr/.wh..wh.olddir.1f2e/leftover", b"junk");
+        put(&upper, "etc/a.conf", b"new contents");
+        put(&upper, "etc/new", b"new");
+        fs::hard_link(&wh, upper.join("etc/.wh.gone")).unwrap();
+        fs::create_dir_all(upper.join("opt/app")).unwrap();
+        fs::hard_link(&wh, upper.join("opt/app/.wh..wh..opq")).unwrap();
+        put(&upper, "opt/app/z", b"z");
+        fs::create_dir_all(upper.join("var")).unwrap();
+        fs::hard_link(&wh, upper.join("var/.wh.olddir")).unwrap();
+        // A new directory carrying a marker that hides nothing.
+        fs::create_dir_all(upper.join("srv/new")).unwrap();
+        fs::hard_link(&wh, upper.join("srv/new/.wh..wh..opq")).unwrap();
+        put(&upper, "srv/new/f", b"f");
+        put(&upper, "bin/hl1", b"linked");
+        fs::hard_link(upper.join("bin/hl1"), upper.join("bin/hl2")).unwrap();
+        // Directory metadata as in the base, so only content is reported.
+        for d in ["etc", "opt", "opt/app", "usr", "var"] {
+            let md = fs::metadata(base.join(d)).unwrap();
+            fs::set_permissions(upper.join(d), md.permissions()).unwrap();
+        }
+        (root, base, upper)
+    }
+
+    #[test]
+    fn aufs_branch_is_read_by_its_own_rules() {
+        let (root, base, upper) = aufs_fixture("read");
+        let cs = read_upper(&upper, &base, WhiteoutFormat::Aufs).unwrap();
+        let got: Vec<(String, char)> = cs
+            .changes()
+            .iter()
+            .filter(|c| !matches!(c.kind, ChangeKind::Modified { content_changed: false }))
+            .map(|c| (c.path.display(), c.kind.symbol()))
+            .collect();
+        let want: Vec<(String, char)> = [
+            ("bin", '+'),
+            ("bin/hl1", '+'),
+            ("bin/hl2", '+'),
+            ("etc/a.conf", '~'),
+            ("etc/gone", '-'),
+            ("etc/new", '+'),
+            ("opt/app/sub", '-'),
+            ("opt/app/sub/y", '-'),
+            ("opt/app/x", '-'),
+            ("opt/app/z", '+'),
+            ("srv", '+'),
+            ("srv/new", '+'),
+            ("srv/new/f", '+'),
+            ("var/olddir", '-'),
+            ("var/olddir/f", '-'),
+        ]
+        .iter()
+        .map(|(p, k)| (p.to_string(), *k))
+        .collect();
+        let mut got_sorted = got.clone();
+        got_sorted.sort();
+        assert_eq!(got_sorted, want);
+        assert!(cs.changes().iter().all(|c| !c.path.display().contains(".wh.")));
+        // The content hard link is one group; the whiteouts (links of
+        // .wh..wh.aufs) are not content links.
+        let group = |p: &str| cs.get(&RelPath::from(p)).unwrap().meta.link_group;
+        assert!(group("bin/hl1").is_some());
+        assert_eq!(group("bin/hl1"), group("bin/hl2"));
+        assert_eq!(group("etc/new"), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn aufs_branch_folds_to_the_merged_view_and_an_empty_upper() {
+        let (root, base, upper) = aufs_fixture("fold");
+        fold(&upper, &base, WhiteoutFormat::Aufs, FoldOptions::default()).unwrap();
+        assert_eq!(fs::read_dir(&upper).unwrap().count(), 0);
+        let mut files = Vec::new();
+        for r in TreeScan::start(&base, ScanOptions::default()).unwrap() {
+            let r = r.unwrap();
+            if r.kind == FileKind::File {
+                files.push(r.path.display());
+            }
+        }
+        assert_eq!(
+            files,
+            [
+                "bin/hl1",
+                "bin/hl2",
+                "etc/a.conf",
+                "etc/new",
+                "opt/app/z",
+                "srv/new/f",
+                "usr/keep"
+            ]
+        );
+        assert_eq!(fs::read(base.join("etc/a.conf")).unwrap(), b"new contents");
+        let ino = |p: &str| fs::metadata(base.join(p)).unwrap().ino();
+        assert_eq!(ino("bin/hl1"), ino("bin/hl2"));
+        assert!(base.join("var").is_dir() && !base.join("var/olddir").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn aufs_fold_killed_at_every_step_then_rerun_gives_the_same_tree() {
+        let (root, want_base, want_upper) = aufs_fixture("fold-ref");
+        fold(&want_upper, &want_base, WhiteoutFormat::Aufs, FoldOptions::default()).unwrap();
+        for n in 0.. {
+            let (r, base, upper) = aufs_fixture(&format!("fold-kill{n}"));
+            let first = fold(
+                &upper,
+                &base,
+                WhiteoutFormat::Aufs,
+                FoldOptions {
+                    fail_after: Some(n),
+                },
+            );
+            fold(&upper, &base, WhiteoutFormat::Aufs, FoldOptions::default()).unwrap();
+            crate::scenarios::compare_trees(&want_base, &base).unwrap();
+            assert_eq!(fs::read_dir(&upper).unwrap().count(), 0);
+            fs::remove_dir_all(&r).unwrap();
+            if first.is_ok() {
+                assert!(n > 10, "only {n} steps");
+                break;
+            }
+        }
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
