@@ -1,22 +1,467 @@
-//! layerpack-backend-aufs: aufs with AUFS_CTL_MVDOWN move-down.
+//! layerpack-backend-aufs: capture a layer with aufs, and move it down
+//! while still mounted with `AUFS_CTL_MVDOWN`.
 //!
-//! Not implemented yet. The crate exists so the registry, `layerpack
-//! backends` and the behaviour matrix already know the name; its probe says
-//! plainly that it is not implemented, and every operation is refused with
-//! an `Unsupported` error.
+//! `begin` mounts `aufs` with two branches, an `upper/` directory in the
+//! session directory (`rw`) over the base (`ro`, so aufs never creates
+//! anything in it), with `udba=reval,noplink,xino=<session>/xino`, on a
+//! merged directory in the session or (with `in_place`) on the base
+//! itself. `changes` reads the upper branch by aufs's rules
+//! ([`WhiteoutFormat::Aufs`]). `move_down` first asks aufs to move every
+//! new regular file with one link down into the base through the mount
+//! (the ioctl, see [`mvdown`]), then unmounts and folds what the ioctl may
+//! not move (rewrites, symlinks, special files, hard links, whiteouts,
+//! opaque directories, directory metadata) with the shared fold, leaving an
+//! empty upper. `offline = true` skips the ioctl.
+//!
+//! Every privileged call goes through [`Sys`], so the exact calls are
+//! tested here with a recording fake; the live behaviour suite runs
+//! wherever `aufs` is in `/proc/filesystems` (`layerpack selftest --backend
+//! aufs`). See `docs.md` and AUFS-NOTES.md.
 
-use layerpack_core::backend::NotImplemented;
+pub mod mvdown;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use layerpack_core::backend::{
+    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+};
+use layerpack_core::config::BackendConfig;
+use layerpack_core::model::{ChangeSet, FileKind, RelPath};
 use layerpack_core::registry::{Origin, Registry};
-use layerpack_core::Result;
+use layerpack_core::sys::{MountFlags, RealSys, Sys};
+use layerpack_core::tree::fold::{fold, FoldOptions};
+use layerpack_core::tree::upper::{read_upper, UpperEntry, WhiteoutFormat, AUFS_WH_PREFIX};
+use layerpack_core::tree::{ScanOptions, TreeScan};
+use layerpack_core::{Error, ErrorKind, Result};
+use serde::Deserialize;
 
 /// The name this backend registers under.
 pub const NAME: &str = "aufs";
 
-/// Register the backend with `registry`.
+/// `statfs` magic of aufs.
+const AUFS_SUPER_MAGIC: i64 = 0x6175_6673;
+
+/// `[backends.aufs]` settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AufsConfig {
+    /// Mount on the root itself, so the install keeps writing to the same
+    /// path; the root stays reachable through a private bind mount in the
+    /// session.
+    pub in_place: bool,
+    /// Do not use the move-down ioctl: unmount, then fold everything from
+    /// userspace.
+    pub offline: bool,
+    /// Stop the fold after this many operations (crash testing only).
+    pub fold_fail_after: Option<usize>,
+}
+
+/// The aufs backend.
+pub struct AufsBackend {
+    cfg: AufsConfig,
+    proc_root: PathBuf,
+    sys: Arc<dyn Sys>,
+}
+
+/// What one move-down did, for tests and reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MoveDownReport {
+    /// Files moved by the ioctl.
+    pub moved_online: Vec<RelPath>,
+    /// Files the ioctl declined, with its reason (the fold moved them).
+    pub declined: Vec<(RelPath, String)>,
+    /// Why the ioctl was given up on for the rest, if it was.
+    pub stopped: Option<String>,
+}
+
+/// The first path below `root` whose name starts with `.wh.` (aufs would
+/// take it for a whiteout). Reads names only.
+pub fn find_wh_name(root: &Path) -> Result<Option<PathBuf>> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, "cannot list", e))?;
+        for e in rd {
+            let e = e.map_err(|e| Error::io(&dir, "cannot list", e))?;
+            if e.file_name().as_encoded_bytes().starts_with(AUFS_WH_PREFIX) {
+                return Ok(Some(e.path()));
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(None)
+}
+
+impl AufsBackend {
+    /// A backend reading `/proc` under `proc_root` (`/` normally; tests
+    /// point it at a fake tree).
+    pub fn new(cfg: AufsConfig, proc_root: &Path) -> AufsBackend {
+        AufsBackend {
+            cfg,
+            proc_root: proc_root.to_path_buf(),
+            sys: Arc::new(RealSys),
+        }
+    }
+
+    /// Make the privileged calls through `sys` (a recording fake in tests).
+    pub fn with_sys(mut self, sys: Arc<dyn Sys>) -> AufsBackend {
+        self.sys = sys;
+        self
+    }
+
+    fn upper(spec: &SessionSpec) -> PathBuf {
+        spec.dir.join("upper")
+    }
+
+    fn session_in_place(spec: &SessionSpec) -> bool {
+        fs::read_to_string(spec.dir.join("mode"))
+            .is_ok_and(|m| m.lines().next().is_some_and(|l| l.trim() == "in-place"))
+    }
+
+    /// Where the install writes, and where the untouched base is read.
+    fn places(&self, spec: &SessionSpec) -> (PathBuf, PathBuf) {
+        if Self::session_in_place(spec) {
+            let lower = spec.dir.join("lower");
+            let readable = if self.sys.is_mounted(&lower, None) {
+                lower
+            } else {
+                spec.base.clone()
+            };
+            (spec.base.clone(), readable)
+        } else {
+            (spec.dir.join("merged"), spec.base.clone())
+        }
+    }
+
+    /// The mount option string.
+    pub fn mount_options(upper: &Path, lower: &Path, xino: &Path) -> Result<String> {
+        for p in [upper, lower, xino] {
+            let s = p.to_string_lossy();
+            if s.contains([',', ':', '=', '\n']) || p.to_str().is_none() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "aufs cannot take a path with ',', ':', '=', a newline or non-UTF-8 bytes in its branch options",
+                )
+                .with_path(p));
+            }
+        }
+        Ok(format!(
+            "br={}=rw:{}=ro,udba=reval,noplink,xino={}",
+            upper.display(),
+            lower.display(),
+            xino.display()
+        ))
+    }
+
+    fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
+        if self.sys.is_mounted(at, fstype) {
+            self.sys
+                .umount(at)
+                .map_err(|e| Error::io(at, "cannot unmount (is a process still using it?)", e))?;
+        }
+        Ok(())
+    }
+
+    fn unmount_all(&self, spec: &SessionSpec) -> Result<()> {
+        if Self::session_in_place(spec) {
+            self.unmount(&spec.base, Some("aufs"))?;
+            self.unmount(&spec.dir.join("lower"), None)
+        } else {
+            self.unmount(&spec.dir.join("merged"), Some("aufs"))
+        }
+    }
+
+    fn remove_session_files(spec: &SessionSpec) -> Result<()> {
+        for d in ["upper", "merged", "lower"] {
+            let d = spec.dir.join(d);
+            if d.exists() {
+                fs::remove_dir_all(&d).map_err(|e| Error::io(&d, "cannot remove", e))?;
+            }
+        }
+        for f in ["xino", "mode"] {
+            let _ = fs::remove_file(spec.dir.join(f));
+        }
+        Ok(())
+    }
+
+    /// Checks on the base and the state directory before anything is
+    /// mounted.
+    fn check_base(spec: &SessionSpec, upper: &Path) -> Result<()> {
+        let fs_type = nix::sys::statfs::statfs(&spec.base)
+            .map_err(|e| Error::io(&spec.base, "cannot statfs", e.into()))?
+            .filesystem_type()
+            .0 as i64;
+        if fs_type == AUFS_SUPER_MAGIC {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the root {} is itself on aufs; aufs cannot use an aufs directory as a branch here",
+                    spec.base.display()
+                ),
+            ));
+        }
+        let dev = |p: &Path| {
+            fs::metadata(p)
+                .map(|m| m.dev())
+                .map_err(|e| Error::io(p, "cannot stat", e))
+        };
+        if dev(&spec.base)? != dev(upper)? {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
+                    spec.base.display()
+                ),
+            ));
+        }
+        if let Some(p) = find_wh_name(&spec.base)? {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} starts with .wh., which aufs takes for a whiteout, so it cannot hold this root; use the overlayfs or snapshot backend",
+                    p.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Move every new single-link regular file down with the ioctl, through
+    /// the mount at `merged`. `base` is where the untouched base is read.
+    pub fn move_down_online(
+        &self,
+        upper: &Path,
+        merged: &Path,
+        base: &Path,
+    ) -> Result<MoveDownReport> {
+        let fmt = WhiteoutFormat::Aufs;
+        let mut report = MoveDownReport::default();
+        let scan = TreeScan::start(
+            upper,
+            ScanOptions {
+                xattrs: false,
+                ..ScanOptions::default()
+            },
+        )?;
+        for r in scan {
+            let r = r?;
+            let abs = r.path.under(upper);
+            if r.kind != FileKind::File
+                || r.nlink != 1
+                || fmt.entry(&r, &abs) != UpperEntry::Content
+            {
+                continue;
+            }
+            // Only files the base lacks, below no opaque upper directory.
+            match fs::symlink_metadata(r.path.under(base)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                _ => continue,
+            }
+            let mut opaque = false;
+            let mut dir = r.path.parent();
+            while let Some(d) = dir {
+                if d.is_root() {
+                    break;
+                }
+                if fmt.is_opaque(&d.under(upper)) {
+                    opaque = true;
+                    break;
+                }
+                dir = d.parent();
+            }
+            if opaque {
+                continue;
+            }
+            let target = r.path.under(merged);
+            let mut arg = mvdown::encode();
+            let result = self.sys.ioctl(&target, mvdown::AUFS_CTL_MVDOWN, &mut arg);
+            match mvdown::outcome(&target, result, &arg) {
+                mvdown::Outcome::Moved => report.moved_online.push(r.path.clone()),
+                mvdown::Outcome::FoldLater(why) => report.declined.push((r.path.clone(), why)),
+                mvdown::Outcome::StopOnline(why) => {
+                    report.stopped = Some(format!("{}: {why}", target.display()));
+                    break;
+                }
+                mvdown::Outcome::Fatal(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Move-down, returning what the ioctl did.
+    pub fn move_down_report(&self, spec: &SessionSpec) -> Result<MoveDownReport> {
+        let upper = Self::upper(spec);
+        let (merged, readable) = self.places(spec);
+        let mut report = MoveDownReport::default();
+        if !self.cfg.offline && upper.is_dir() && self.sys.is_mounted(&merged, Some("aufs")) {
+            report = self.move_down_online(&upper, &merged, &readable)?;
+        }
+        // The rest is folded from userspace, after unmounting.
+        self.unmount_all(spec)?;
+        if upper.exists() {
+            fold(
+                &upper,
+                &spec.base,
+                WhiteoutFormat::Aufs,
+                FoldOptions {
+                    fail_after: self.cfg.fold_fail_after,
+                },
+            )?;
+        }
+        Self::remove_session_files(spec)?;
+        Ok(report)
+    }
+}
+
+/// Register the aufs backend with `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {
     registry.register(
         NAME,
         Origin::BuiltIn,
-        Box::new(|_cfg| Ok(Box::new(NotImplemented::new(NAME)))),
+        Box::new(|cfg: &BackendConfig| {
+            let c: AufsConfig = cfg.parse()?;
+            Ok(Box::new(AufsBackend::new(c, Path::new("/"))))
+        }),
     )
+}
+
+impl LayerBackend for AufsBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            can_discard: true,
+            needs_root: true,
+            online_move_down: !self.cfg.offline,
+            rootless: false,
+            in_place: self.cfg.in_place,
+            records_ownership: false,
+            reserves_wh_names: true,
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        let list = fs::read_to_string(self.proc_root.join("proc/filesystems")).unwrap_or_default();
+        if !list
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("aufs"))
+        {
+            return Probe::Unavailable("aufs not in /proc/filesystems".into());
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Probe::Unavailable("needs root (aufs mounts are privileged)".into());
+        }
+        Probe::Available
+    }
+
+    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        let upper = Self::upper(spec);
+        let (lower, merged) = (spec.dir.join("lower"), spec.dir.join("merged"));
+        let in_place = self.cfg.in_place;
+        for d in [&upper, if in_place { &lower } else { &merged }] {
+            fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
+        }
+        let result = (|| -> Result<PathBuf> {
+            Self::check_base(spec, &upper)?;
+            fs::write(
+                spec.dir.join("mode"),
+                if in_place { "in-place\n" } else { "merged\n" },
+            )
+            .map_err(|e| Error::io(&spec.dir, "cannot write session mode", e))?;
+            let (branch, target) = if in_place {
+                self.sys
+                    .mount(
+                        Some(&spec.base),
+                        &lower,
+                        None,
+                        MountFlags {
+                            bind: true,
+                            ..MountFlags::default()
+                        },
+                        None,
+                    )
+                    .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e))?;
+                self.sys
+                    .mount(
+                        None,
+                        &lower,
+                        None,
+                        MountFlags {
+                            private: true,
+                            ..MountFlags::default()
+                        },
+                        None,
+                    )
+                    .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e))?;
+                (lower.clone(), spec.base.clone())
+            } else {
+                (spec.base.clone(), merged.clone())
+            };
+            let opts = Self::mount_options(&upper, &branch, &spec.dir.join("xino"))?;
+            self.sys
+                .mount(
+                    Some(Path::new("none")),
+                    &target,
+                    Some("aufs"),
+                    MountFlags::default(),
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| Error::io(&target, format!("cannot mount aufs ({opts})"), e))?;
+            Ok(target)
+        })();
+        if result.is_err() {
+            let _ = self.unmount(&spec.base, Some("aufs"));
+            let _ = self.unmount(&lower, None);
+            let _ = Self::remove_session_files(spec);
+        }
+        result
+    }
+
+    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        Ok(self.places(spec).0)
+    }
+
+    fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
+        let (_, base) = self.places(spec);
+        read_upper(&Self::upper(spec), &base, WhiteoutFormat::Aufs)
+    }
+
+    fn move_down(&self, spec: &SessionSpec) -> Result<()> {
+        self.move_down_report(spec).map(drop)
+    }
+
+    fn discard(&self, spec: &SessionSpec) -> Result<()> {
+        self.unmount_all(spec)?;
+        Self::remove_session_files(spec)
+    }
+
+    fn release(&self, spec: &SessionSpec) -> Result<()> {
+        self.discard(spec)
+    }
+
+    fn health(&self, spec: &SessionSpec) -> Health {
+        let upper = Self::upper(spec);
+        let (merged, _) = self.places(spec);
+        if !upper.is_dir() {
+            return Health::Stale(format!(
+                "upper branch {} is missing; run `layerpack abort {}`",
+                upper.display(),
+                spec.package
+            ));
+        }
+        if !self.sys.is_mounted(&merged, Some("aufs")) {
+            return Health::Stale(format!(
+                "aufs is not mounted (reboot?); `layerpack final {}` still folds the upper branch, `layerpack abort {}` drops it",
+                spec.package, spec.package
+            ));
+        }
+        Health::Ok
+    }
 }

@@ -260,6 +260,7 @@ impl LayerBackend for OverlayBackend {
             rootless: false,
             in_place: self.cfg.in_place,
             records_ownership: false,
+            reserves_wh_names: false,
         }
     }
 

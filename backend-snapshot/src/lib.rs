@@ -168,6 +168,7 @@ impl LayerBackend for SnapshotBackend {
             rootless: true,
             in_place: true,
             records_ownership: false,
+            reserves_wh_names: false,
         }
     }
 

@@ -26,11 +26,14 @@ pub struct Capabilities {
     pub in_place: bool,
     /// Can record ownership changes an unprivileged install asks for.
     pub records_ownership: bool,
+    /// Names starting with `.wh.` are the filesystem's whiteouts (aufs):
+    /// a root holding such a name is refused at `begin`.
+    pub reserves_wh_names: bool,
 }
 
 impl Capabilities {
     /// `(name, value)` pairs, for listing.
-    pub fn list(&self) -> [(&'static str, bool); 6] {
+    pub fn list(&self) -> [(&'static str, bool); 7] {
         [
             ("can_discard", self.can_discard),
             ("needs_root", self.needs_root),
@@ -38,6 +41,7 @@ impl Capabilities {
             ("rootless", self.rootless),
             ("in_place", self.in_place),
             ("records_ownership", self.records_ownership),
+            ("reserves_wh_names", self.reserves_wh_names),
         ]
     }
 }

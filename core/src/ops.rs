@@ -286,6 +286,16 @@ impl Context<'_> {
             }
             Err(e) => return Err(e),
         };
+        if s.phase == Phase::MovingDown {
+            // Part of the layer may already be in the base: discarding the
+            // rest would leave a tree that is neither before nor after.
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "the move-down of '{pkg}' was interrupted and part of the layer is already in the base; run `layerpack final {pkg}` to finish it"
+                ),
+            ));
+        }
         let backend = self.backend(&s.backend)?;
         let spec = self.state.spec(&s);
         let restored = if backend.capabilities().can_discard {

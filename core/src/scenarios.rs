@@ -40,6 +40,10 @@ pub struct Needs {
     pub root: bool,
     /// The filesystem must take `user.*` xattrs.
     pub user_xattrs: bool,
+    /// The root holds names starting with `.wh.`: a backend that reserves
+    /// them ([`Capabilities::reserves_wh_names`]) must refuse the session
+    /// at `begin` with an error naming such a path.
+    pub wh_names: bool,
 }
 
 type Act = fn(&Path) -> io::Result<()>;
@@ -693,7 +697,10 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             id: 25,
             name: "whiteout_looking_names",
-            needs: Needs::default(),
+            needs: Needs {
+                wh_names: true,
+                ..Needs::default()
+            },
             setup: |b| {
                 mkdirs(b, "etc")?;
                 write(b, "etc/.wh.keep", b"keep")
@@ -888,6 +895,20 @@ pub fn run(backend: &dyn LayerBackend, sc: &Scenario, parent: &Path) -> Result<(
         dir: work.root.join("session"),
     };
     fs::create_dir(&spec.dir).map_err(|e| e.to_string())?;
+    if sc.needs.wh_names && backend.capabilities().reserves_wh_names {
+        return match backend.begin(&spec) {
+            Err(e) if e.to_string().contains("/.wh.") => {
+                compare_trees(&original, &base).map_err(|e| format!("after refusal: {e}"))
+            }
+            Err(e) => Err(format!(
+                "begin refused the root, but without naming the .wh. path: {e}"
+            )),
+            Ok(_) => {
+                let _ = backend.discard(&spec);
+                Err("begin accepted a root holding .wh. names, which this backend reserves".into())
+            }
+        };
+    }
     let merged = backend.begin(&spec).map_err(|e| format!("begin: {e}"))?;
     let result = run_open(backend, sc, &spec, &merged, &reference);
     if result.is_err() {
@@ -940,4 +961,65 @@ fn run_open(
         End::Discard => backend.discard(spec).map_err(|e| format!("discard: {e}")),
         End::Keep => backend.release(spec).map_err(|e| format!("release: {e}")),
     }
+}
+
+/// Build, under `root`, a base and an upper branch laid out the way aufs
+/// writes one after an install (see AUFS-NOTES.md): whiteouts and opaque
+/// markers that are hard links of `.wh..wh.aufs`, aufs's own directories
+/// and a temporary one, a rewrite, new files (one in a new directory),
+/// a content hard link, a symlink, a fifo, a deleted directory, an opaque
+/// directory and a new directory carrying a marker that hides nothing.
+/// Returns `(base, upper)`.
+pub fn aufs_branch_fixture(root: &Path) -> io::Result<(PathBuf, PathBuf)> {
+    let (base, upper) = (root.join("base"), root.join("upper"));
+    let put = |root: &Path, rel: &str, data: &[u8]| -> io::Result<()> {
+        let p = root.join(rel);
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d)?;
+        }
+        fs::write(p, data)
+    };
+    for (rel, data) in [
+        ("etc/a.conf", &b"old"[..]),
+        ("etc/gone", b"gone"),
+        ("opt/app/x", b"x"),
+        ("opt/app/sub/y", b"y"),
+        ("usr/keep", b"keep"),
+        ("var/olddir/f", b"f"),
+    ] {
+        put(&base, rel, data)?;
+    }
+    fs::create_dir_all(&upper)?;
+    let wh = upper.join(".wh..wh.aufs");
+    fs::write(&wh, b"")?;
+    fs::set_permissions(&wh, fs::Permissions::from_mode(0o444))?;
+    for d in [".wh..wh.plnk", ".wh..wh.orph", "usr/.wh..wh.olddir.1f2e"] {
+        fs::create_dir_all(upper.join(d))?;
+    }
+    put(&upper, "usr/.wh..wh.olddir.1f2e/leftover", b"junk")?;
+    put(&upper, "etc/a.conf", b"new contents")?;
+    put(&upper, "etc/new", b"new")?;
+    fs::hard_link(&wh, upper.join("etc/.wh.gone"))?;
+    fs::create_dir_all(upper.join("opt/app"))?;
+    fs::hard_link(&wh, upper.join("opt/app/.wh..wh..opq"))?;
+    put(&upper, "opt/app/z", b"z")?;
+    fs::create_dir_all(upper.join("var"))?;
+    fs::hard_link(&wh, upper.join("var/.wh.olddir"))?;
+    fs::create_dir_all(upper.join("srv/new"))?;
+    fs::hard_link(&wh, upper.join("srv/new/.wh..wh..opq"))?;
+    put(&upper, "srv/new/f", b"f")?;
+    put(&upper, "bin/hl1", b"linked")?;
+    fs::hard_link(upper.join("bin/hl1"), upper.join("bin/hl2"))?;
+    put(&upper, "usr/lib/new.so", b"\x7fELF")?;
+    symlink("lib/new.so", upper.join("usr/link"))?;
+    nix::unistd::mkfifo(
+        &upper.join("usr/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .map_err(io::Error::from)?;
+    // Directory metadata as in the base, so only content is reported.
+    for d in ["etc", "opt", "opt/app", "usr", "var"] {
+        fs::set_permissions(upper.join(d), fs::metadata(base.join(d))?.permissions())?;
+    }
+    Ok((base, upper))
 }

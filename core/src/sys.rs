@@ -37,7 +37,20 @@ pub enum Call {
         /// Mount point.
         target: PathBuf,
     },
+    /// `ioctl(2)` on a descriptor opened for it.
+    Ioctl {
+        /// The file opened.
+        path: PathBuf,
+        /// Request number.
+        request: u64,
+        /// The argument buffer as passed in.
+        arg: Vec<u8>,
+    },
 }
+
+/// Answers a faked `ioctl`: may change the argument buffer (and the file
+/// tree, to play the kernel's part) and decide the result.
+pub type IoctlResponder = Box<dyn Fn(&Path, u64, &mut [u8]) -> io::Result<()> + Send + Sync>;
 
 /// The privileged calls.
 pub trait Sys: Send + Sync {
@@ -56,6 +69,11 @@ pub trait Sys: Send + Sync {
 
     /// Whether something of `fstype` (any, if `None`) is mounted at `target`.
     fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool;
+
+    /// Open `path` read-only without following a final symlink and without
+    /// blocking (a fifo that appeared there is never waited on), then
+    /// `ioctl(fd, request, arg)`; `arg` is read and written by the kernel.
+    fn ioctl(&self, path: &Path, request: u64, arg: &mut [u8]) -> io::Result<()>;
 }
 
 /// The real calls (Linux).
@@ -123,6 +141,35 @@ impl Sys for RealSys {
         std::fs::read_to_string("/proc/self/mountinfo")
             .is_ok_and(|t| mountinfo_has(&t, target, fstype))
     }
+
+    #[allow(unsafe_code)]
+    fn ioctl(&self, path: &Path, request: u64, arg: &mut [u8]) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        // The request encodes the argument size; refuse a buffer that does
+        // not match it, so the kernel never writes past `arg`.
+        let size = ((request >> 16) & 0x3fff) as usize;
+        if size != arg.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ioctl {request:#x} takes {size} bytes, given {}", arg.len()),
+            ));
+        }
+        // SAFETY: `f` is an open descriptor for the duration of the call,
+        // and `arg` is a live, exclusively borrowed buffer of exactly the
+        // size the request encodes, so the kernel reads and writes only
+        // within it.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), request as _, arg.as_mut_ptr()) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Records every call, keeps a table of what is "mounted", and fails the
@@ -132,6 +179,7 @@ pub struct FakeSys {
     calls: Mutex<Vec<Call>>,
     mounted: Mutex<Vec<(PathBuf, Option<String>)>>,
     fail: Mutex<Option<(usize, i32)>>,
+    responder: Mutex<Option<IoctlResponder>>,
 }
 
 impl FakeSys {
@@ -143,6 +191,11 @@ impl FakeSys {
     /// Make call number `n` (0-based, counting every call) fail with `errno`.
     pub fn fail_at(&self, n: usize, errno: i32) {
         *self.fail.lock().unwrap_or_else(|p| p.into_inner()) = Some((n, errno));
+    }
+
+    /// Answer `ioctl` calls with `f` (default: succeed, buffer unchanged).
+    pub fn on_ioctl(&self, f: IoctlResponder) {
+        *self.responder.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// The calls so far.
@@ -210,6 +263,18 @@ impl Sys for FakeSys {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .any(|(t, ty)| t == target && fstype.is_none_or(|f| ty.as_deref() == Some(f)))
+    }
+
+    fn ioctl(&self, path: &Path, request: u64, arg: &mut [u8]) -> io::Result<()> {
+        self.record(Call::Ioctl {
+            path: path.to_path_buf(),
+            request,
+            arg: arg.to_vec(),
+        })?;
+        match &*self.responder.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(f) => f(path, request, arg),
+            None => Ok(()),
+        }
     }
 }
 

@@ -502,3 +502,66 @@ fn a_root_on_overlayfs_is_refused_with_the_reason() {
     );
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// A `final` killed during move-down leaves part of the layer in the base:
+/// `abort` must refuse to discard the rest, and `final` finishes the job.
+#[test]
+fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() {
+    if !available() {
+        return;
+    }
+    let d = scratch("interrupted");
+    let root = d.join("root");
+    rich_base(&root);
+    let reference = d.join("reference");
+    rich_base(&reference);
+    rich_install(&reference).unwrap();
+    let failing = d.join("failing.toml");
+    fs::write(&failing, "[backends.overlayfs]\nfold_fail_after = 3\n").unwrap();
+    let plain = d.join("plain.toml");
+    fs::write(&plain, "").unwrap();
+    let lp = |cfg: &Path, args: &[&str]| {
+        std::process::Command::new(layerpack_tests::layerpack_bin())
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(args)
+            .env("LAYERPACK_STATE_DIR", d.join("state"))
+            .output()
+            .unwrap()
+    };
+    let init = lp(
+        &failing,
+        &[
+            "init",
+            "p",
+            "--root",
+            root.to_str().unwrap(),
+            "--backend",
+            "overlayfs",
+        ],
+    );
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let merged = PathBuf::from(String::from_utf8(init.stdout).unwrap().trim_end());
+    rich_install(&merged).unwrap();
+    let out = d.join("out");
+    let fin = lp(&failing, &["final", "p", "--out", out.to_str().unwrap()]);
+    assert!(!fin.status.success());
+    let abort = lp(&plain, &["abort", "p"]);
+    let err = String::from_utf8_lossy(&abort.stderr);
+    assert!(!abort.status.success(), "abort must refuse");
+    assert!(
+        err.contains("interrupted") && err.contains("layerpack final p"),
+        "{err}"
+    );
+    let fin = lp(&plain, &["final", "p", "--out", out.to_str().unwrap()]);
+    assert!(
+        fin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fin.stderr)
+    );
+    compare_trees(&reference, &root).unwrap();
+    fs::remove_dir_all(&d).unwrap();
+}

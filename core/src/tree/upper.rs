@@ -198,8 +198,8 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             UpperEntry::Internal => continue,
             UpperEntry::Whiteout(target) => {
                 // A name present in the upper layer wins over its whiteout.
-                let shadowed = target != r.path
-                    && fs::symlink_metadata(target.under(upper)).is_ok();
+                let shadowed =
+                    target != r.path && fs::symlink_metadata(target.under(upper)).is_ok();
                 if !shadowed {
                     if let Some(old) = base_record(base, &target)? {
                         for b in scan_below(base, &old.path)? {
@@ -282,59 +282,13 @@ mod tests {
     use super::*;
     use crate::model::ChangeKind;
     use crate::tree::fold::{fold, FoldOptions};
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     use std::path::PathBuf;
 
-    fn put(root: &Path, rel: &str, data: &[u8]) {
-        let p = root.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, data).unwrap();
-    }
-
-    /// A base and an upper branch laid out the way aufs writes one (see
-    /// AUFS-NOTES.md): whiteouts and the opaque marker are hard links of
-    /// `.wh..wh.aufs`, plus aufs's own directories and a temporary one.
     fn aufs_fixture(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
         let root = std::env::temp_dir().join(format!("lp-aufs-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let (base, upper) = (root.join("base"), root.join("upper"));
-        for (rel, data) in [
-            ("etc/a.conf", &b"old"[..]),
-            ("etc/gone", b"gone"),
-            ("opt/app/x", b"x"),
-            ("opt/app/sub/y", b"y"),
-            ("usr/keep", b"keep"),
-            ("var/olddir/f", b"f"),
-        ] {
-            put(&base, rel, data);
-        }
-        fs::create_dir_all(&upper).unwrap();
-        let wh = upper.join(".wh..wh.aufs");
-        fs::write(&wh, b"").unwrap();
-        fs::set_permissions(&wh, fs::Permissions::from_mode(0o444)).unwrap();
-        for d in [".wh..wh.plnk", ".wh..wh.orph", "usr/.wh..wh.olddir.1f2e"] {
-            fs::create_dir_all(upper.join(d)).unwrap();
-        }
-        put(&upper, "usr/.wh..wh.olddir.1f2e/leftover", b"junk");
-        put(&upper, "etc/a.conf", b"new contents");
-        put(&upper, "etc/new", b"new");
-        fs::hard_link(&wh, upper.join("etc/.wh.gone")).unwrap();
-        fs::create_dir_all(upper.join("opt/app")).unwrap();
-        fs::hard_link(&wh, upper.join("opt/app/.wh..wh..opq")).unwrap();
-        put(&upper, "opt/app/z", b"z");
-        fs::create_dir_all(upper.join("var")).unwrap();
-        fs::hard_link(&wh, upper.join("var/.wh.olddir")).unwrap();
-        // A new directory carrying a marker that hides nothing.
-        fs::create_dir_all(upper.join("srv/new")).unwrap();
-        fs::hard_link(&wh, upper.join("srv/new/.wh..wh..opq")).unwrap();
-        put(&upper, "srv/new/f", b"f");
-        put(&upper, "bin/hl1", b"linked");
-        fs::hard_link(upper.join("bin/hl1"), upper.join("bin/hl2")).unwrap();
-        // Directory metadata as in the base, so only content is reported.
-        for d in ["etc", "opt", "opt/app", "usr", "var"] {
-            let md = fs::metadata(base.join(d)).unwrap();
-            fs::set_permissions(upper.join(d), md.permissions()).unwrap();
-        }
+        let (base, upper) = crate::scenarios::aufs_branch_fixture(&root).unwrap();
         (root, base, upper)
     }
 
@@ -345,7 +299,14 @@ mod tests {
         let got: Vec<(String, char)> = cs
             .changes()
             .iter()
-            .filter(|c| !matches!(c.kind, ChangeKind::Modified { content_changed: false }))
+            .filter(|c| {
+                !matches!(
+                    c.kind,
+                    ChangeKind::Modified {
+                        content_changed: false
+                    }
+                )
+            })
             .map(|c| (c.path.display(), c.kind.symbol()))
             .collect();
         let want: Vec<(String, char)> = [
@@ -362,6 +323,10 @@ mod tests {
             ("srv", '+'),
             ("srv/new", '+'),
             ("srv/new/f", '+'),
+            ("usr/fifo", '+'),
+            ("usr/lib", '+'),
+            ("usr/lib/new.so", '+'),
+            ("usr/link", '+'),
             ("var/olddir", '-'),
             ("var/olddir/f", '-'),
         ]
@@ -371,7 +336,10 @@ mod tests {
         let mut got_sorted = got.clone();
         got_sorted.sort();
         assert_eq!(got_sorted, want);
-        assert!(cs.changes().iter().all(|c| !c.path.display().contains(".wh.")));
+        assert!(cs
+            .changes()
+            .iter()
+            .all(|c| !c.path.display().contains(".wh.")));
         // The content hard link is one group; the whiteouts (links of
         // .wh..wh.aufs) are not content links.
         let group = |p: &str| cs.get(&RelPath::from(p)).unwrap().meta.link_group;
@@ -402,7 +370,8 @@ mod tests {
                 "etc/new",
                 "opt/app/z",
                 "srv/new/f",
-                "usr/keep"
+                "usr/keep",
+                "usr/lib/new.so"
             ]
         );
         assert_eq!(fs::read(base.join("etc/a.conf")).unwrap(), b"new contents");
@@ -415,7 +384,13 @@ mod tests {
     #[test]
     fn aufs_fold_killed_at_every_step_then_rerun_gives_the_same_tree() {
         let (root, want_base, want_upper) = aufs_fixture("fold-ref");
-        fold(&want_upper, &want_base, WhiteoutFormat::Aufs, FoldOptions::default()).unwrap();
+        fold(
+            &want_upper,
+            &want_base,
+            WhiteoutFormat::Aufs,
+            FoldOptions::default(),
+        )
+        .unwrap();
         for n in 0.. {
             let (r, base, upper) = aufs_fixture(&format!("fold-kill{n}"));
             let first = fold(
