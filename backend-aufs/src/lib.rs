@@ -465,3 +465,18 @@ impl LayerBackend for AufsBackend {
         Health::Ok
     }
 }
+
+impl layerpack_core::plugin::PluginBackend for AufsBackend {
+    const NAME: &'static str = NAME;
+
+    fn create(cfg: &BackendConfig) -> Result<Self> {
+        let c: AufsConfig = cfg.parse()?;
+        Ok(AufsBackend::new(c, Path::new("/")))
+    }
+}
+
+// Built as a plugin with `cargo rustc -p layerpack-backend-aufs --release
+// --features plugin --crate-type cdylib` (see CONTRIBUTING.md). Only in
+// that build: two plugins' entry symbols linked into one binary would clash.
+#[cfg(feature = "plugin")]
+layerpack_core::export_backend!(AufsBackend);

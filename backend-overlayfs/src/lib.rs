@@ -451,6 +451,21 @@ impl LayerBackend for OverlayBackend {
     }
 }
 
+impl layerpack_core::plugin::PluginBackend for OverlayBackend {
+    const NAME: &'static str = NAME;
+
+    fn create(cfg: &BackendConfig) -> Result<Self> {
+        let c: OverlayConfig = cfg.parse()?;
+        Ok(OverlayBackend::new(c, Path::new("/")))
+    }
+}
+
+// Built as a plugin with `cargo rustc -p layerpack-backend-overlayfs --release
+// --features plugin --crate-type cdylib` (see CONTRIBUTING.md). Only in
+// that build: two plugins' entry symbols linked into one binary would clash.
+#[cfg(feature = "plugin")]
+layerpack_core::export_backend!(OverlayBackend);
+
 #[cfg(test)]
 mod tests {
     use super::*;

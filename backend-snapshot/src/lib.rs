@@ -313,6 +313,21 @@ fn decide_same_size_and_mtime(
     Ok(Verdict::Content)
 }
 
+impl layerpack_core::plugin::PluginBackend for SnapshotBackend {
+    const NAME: &'static str = NAME;
+
+    fn create(cfg: &BackendConfig) -> Result<Self> {
+        let c: SnapshotConfig = cfg.parse()?;
+        Ok(SnapshotBackend::new(c))
+    }
+}
+
+// Built as a plugin with `cargo rustc -p layerpack-backend-snapshot --release
+// --features plugin --crate-type cdylib` (see CONTRIBUTING.md). Only in
+// that build: two plugins' entry symbols linked into one binary would clash.
+#[cfg(feature = "plugin")]
+layerpack_core::export_backend!(SnapshotBackend);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,6 +207,9 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
     layerpack_backend_overlayfs::register_in_user_namespace(&mut registry, userns)?;
     layerpack_backend_fuse::register(&mut registry)?;
     layerpack_backend_aufs::register(&mut registry)?;
+    for p in &config.plugin {
+        layerpack_core::plugin::register_plugin(&mut registry, &p.path)?;
+    }
     let app = App {
         global: cli.global,
         config,
@@ -603,8 +606,15 @@ impl App {
                             .collect()
                     })
                     .unwrap_or_default();
+                let plugin = match self.registry.origin(name) {
+                    Some(Origin::Plugin { path, abi }) => {
+                        json!({"path": path.to_string_lossy(), "abi": abi})
+                    }
+                    _ => Value::Null,
+                };
                 print_json(&json!({"type": "backend", "name": name, "origin": origin,
-                    "available": probe.is_available(), "reason": probe.reason(), "capabilities": caps}))?;
+                    "plugin": plugin, "available": probe.is_available(), "reason": probe.reason(),
+                    "capabilities": caps}))?;
             } else {
                 let state = match probe.reason() {
                     None => "available".to_string(),
@@ -630,7 +640,7 @@ impl App {
     }
 
     fn selftest(&self, name: &str, dir: Option<&Path>, userns: bool) -> Result<ExitCode> {
-        use layerpack_core::scenarios;
+        use layerpack_core::testkit;
         let backend = self
             .registry
             .create(name, &self.config.backend_config(name))?;
@@ -643,43 +653,42 @@ impl App {
         };
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("cannot create {}", scratch.display()))?;
-        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-        for sc in scenarios::all() {
-            let skip = if userns && sc.needs.root {
-                Some(
+        let json = self.global.json;
+        let mut out_err: Option<anyhow::Error> = None;
+        let report = testkit::run_suite(
+            &*backend,
+            &scratch,
+            |sc| {
+                (userns && sc.needs.root).then(|| {
                     "needs real root (chown and mknod of ids outside the user namespace)"
-                        .to_string(),
-                )
-            } else {
-                sc.skip_reason(&backend.capabilities(), &scratch)
-            };
-            let (status, detail) = match skip {
-                Some(why) => {
-                    skipped += 1;
-                    ("skip", why)
+                        .to_string()
+                })
+            },
+            |r| {
+                let (status, detail) = match &r.outcome {
+                    testkit::Outcome::Pass => ("pass", ""),
+                    testkit::Outcome::Fail(e) => ("FAIL", e.as_str()),
+                    testkit::Outcome::Skip(why) => ("skip", why.as_str()),
+                };
+                let printed = if json {
+                    print_json(
+                        &json!({"type": "scenario", "backend": name, "scenario": r.name,
+                        "result": status.to_lowercase(), "detail": detail}),
+                    )
+                } else if detail.is_empty() {
+                    print_line(&format!("{status} {}", r.name))
+                } else {
+                    print_line(&format!("{status} {}: {detail}", r.name))
+                };
+                if let Err(e) = printed {
+                    out_err.get_or_insert(e);
                 }
-                None => match scenarios::run(&*backend, &sc, &scratch) {
-                    Ok(()) => {
-                        passed += 1;
-                        ("pass", String::new())
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        ("FAIL", e)
-                    }
-                },
-            };
-            if self.global.json {
-                print_json(
-                    &json!({"type": "scenario", "backend": name, "scenario": sc.test_name(),
-                    "result": status.to_lowercase(), "detail": detail}),
-                )?;
-            } else if detail.is_empty() {
-                print_line(&format!("{status} {}", sc.test_name()))?;
-            } else {
-                print_line(&format!("{status} {}: {detail}", sc.test_name()))?;
-            }
+            },
+        );
+        if let Some(e) = out_err {
+            return Err(e);
         }
+        let (passed, failed, skipped) = (report.passed(), report.failed(), report.skipped());
         if dir.is_none() {
             let _ = std::fs::remove_dir_all(&scratch);
         }

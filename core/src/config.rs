@@ -39,12 +39,24 @@ pub struct Config {
     /// Per-backend settings: `[backends.<name>]`.
     #[serde(default)]
     pub backends: BTreeMap<String, toml::Spanned<toml::Table>>,
+    /// Backend plugins to load: `[[plugin]] path = "..."`, relative to
+    /// this file.
+    #[serde(default)]
+    pub plugin: Vec<PluginEntry>,
     /// The file this was read from (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
     /// The text it was read from, for locating keys in errors.
     #[serde(skip)]
     text: String,
+}
+
+/// One `[[plugin]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// The shared library.
+    pub path: PathBuf,
 }
 
 impl Config {
@@ -59,6 +71,7 @@ impl Config {
             .into_iter()
             .flatten()
             .chain(cfg.device_tables.iter_mut())
+            .chain(cfg.plugin.iter_mut().map(|p| &mut p.path))
         {
             if p.is_relative() {
                 *p = dir.join(&*p);

@@ -27,6 +27,8 @@ pub enum ErrorKind {
     Permission,
     /// Any other operating-system error.
     Io,
+    /// A backend plugin could not be loaded, or failed inside (a panic).
+    Plugin,
 }
 
 impl ErrorKind {
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Permission => "permission",
             ErrorKind::Io => "io",
+            ErrorKind::Plugin => "plugin",
         }
     }
 }

@@ -16,10 +16,12 @@ pub mod jsonbytes;
 pub mod model;
 pub mod ops;
 pub mod pack;
+pub mod plugin;
 pub mod registry;
 pub mod scenarios;
 pub mod session;
 pub mod sys;
+pub mod testkit;
 pub mod tree;
 
 pub use error::{Error, ErrorKind, Result};

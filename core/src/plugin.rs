@@ -1,0 +1,1256 @@
+//! Backend plugins: the C ABI between layerpack and a backend built as a
+//! shared library, the host-side adapter ([`DynBackend`]) and the plugin
+//! side ([`export_backend!`](crate::export_backend)).
+//!
+//! This is the only module besides the syscall wrappers that uses `unsafe`.
+//!
+//! # ABI version 1
+//!
+//! A plugin exports one function per major ABI version it implements,
+//! `layerpack_backend_v1`, returning a pointer to a static [`TableV1`]. The
+//! table starts with `abi_version` and `struct_size`; newer optional
+//! functions are only ever appended, so a host detects them by
+//! `struct_size`, and a table from an older plugin is still read up to its
+//! own size. Incompatible changes get a new symbol (`_v2`).
+//!
+//! Only `repr(C)` structs, integers, byte slices ([`Bytes`]: pointer +
+//! length; paths are raw bytes) and opaque handles cross. Every function
+//! returns 0 on success or -1 with an [`FfiError`] filled in; the plugin
+//! owns the error's message and frees it in `free_error`. Results that are
+//! bytes (a merged path, a reason) are handed to a host callback
+//! ([`Sink`]) that copies them; changes are streamed one by one through a
+//! [`ChangeSink`]. Every exported function catches panics and turns them
+//! into an error, so a panicking plugin cannot unwind into the host.
+//! Libraries are loaded once and never unloaded.
+
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::{c_void, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::backend::{Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec};
+use crate::config::BackendConfig;
+use crate::model::{Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath};
+use crate::registry::{Origin, Registry};
+use crate::{Error, ErrorKind, Result};
+
+/// The ABI version this build implements as a plugin.
+pub const ABI_VERSION: u32 = 1;
+/// The oldest ABI version this build loads.
+pub const ABI_MIN: u32 = 1;
+/// The newest ABI version this build loads.
+pub const ABI_MAX: u32 = 1;
+/// Versions above [`ABI_MAX`] looked for, to name them in the error.
+const ABI_SCAN_LIMIT: u32 = 32;
+
+/// A borrowed byte slice. Null with length 0 is the empty slice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Bytes {
+    /// First byte.
+    pub ptr: *const u8,
+    /// Number of bytes.
+    pub len: usize,
+}
+
+impl Bytes {
+    /// Borrow `b` for the duration of a call.
+    pub const fn of(b: &[u8]) -> Bytes {
+        Bytes {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes that live for `'a` (or be
+    /// null with any length, read as empty).
+    pub unsafe fn as_slice<'a>(self) -> &'a [u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            &[]
+        } else {
+            // SAFETY: guaranteed by the caller.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        }
+    }
+}
+
+/// An error from the plugin: kind code and message, owned by the plugin
+/// and released with `free_error`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiError {
+    /// [`ErrorKind`] code (see [`kind_code`]).
+    pub kind: u32,
+    /// UTF-8 message bytes (plugin-allocated).
+    pub message: *mut u8,
+    /// Message length.
+    pub len: usize,
+    /// Allocation capacity, for the plugin's `free_error`.
+    pub capacity: usize,
+}
+
+impl FfiError {
+    /// An empty error slot.
+    pub const fn empty() -> FfiError {
+        FfiError {
+            kind: 0,
+            message: std::ptr::null_mut(),
+            len: 0,
+            capacity: 0,
+        }
+    }
+}
+
+/// Receives bytes from the plugin; the host copies them.
+pub type Sink = unsafe extern "C" fn(ctx: *mut c_void, bytes: Bytes);
+
+/// Receives one change; returns 0 to go on, anything else to stop.
+pub type ChangeSink = unsafe extern "C" fn(ctx: *mut c_void, change: *const FfiChange) -> i32;
+
+/// [`SessionSpec`] across the boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FfiSpec {
+    /// Package name (UTF-8).
+    pub package: Bytes,
+    /// Base path bytes.
+    pub base: Bytes,
+    /// Session directory path bytes.
+    pub dir: Bytes,
+}
+
+/// A backend's settings across the boundary: its table as TOML text and
+/// where it came from, for error messages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FfiConfig {
+    /// Backend name (UTF-8).
+    pub name: Bytes,
+    /// The `[backends.<name>]` table as TOML text.
+    pub toml: Bytes,
+    /// Config file path bytes (empty: not from a file).
+    pub origin_path: Bytes,
+    /// Line of the table header in that file (0: unknown).
+    pub origin_line: u64,
+}
+
+/// One extended attribute.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FfiXattr {
+    /// Name bytes.
+    pub name: Bytes,
+    /// Value bytes.
+    pub value: Bytes,
+}
+
+/// `FfiChange::flags`: `rdev_major`/`rdev_minor` are set.
+pub const HAS_RDEV: u32 = 1;
+/// `FfiChange::flags`: `link_target` is set.
+pub const HAS_LINK_TARGET: u32 = 2;
+/// `FfiChange::flags`: `sha256` is set.
+pub const HAS_SHA256: u32 = 4;
+/// `FfiChange::flags`: `link_group` is set.
+pub const HAS_LINK_GROUP: u32 = 8;
+
+/// One [`Change`] across the boundary, valid only during the callback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FfiChange {
+    /// Path relative to the base.
+    pub path: Bytes,
+    /// 0 added, 1 metadata modified, 2 content modified, 3 deleted.
+    pub change: u32,
+    /// File type code (see [`file_kind_code`]).
+    pub file_kind: u32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// `HAS_*` bits.
+    pub flags: u32,
+    /// Size.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Device major.
+    pub rdev_major: u32,
+    /// Device minor.
+    pub rdev_minor: u32,
+    /// Symlink target.
+    pub link_target: Bytes,
+    /// SHA-256 of the content.
+    pub sha256: [u8; 32],
+    /// Hard-link group.
+    pub link_group: u32,
+    /// Extended attributes.
+    pub xattrs: *const FfiXattr,
+    /// Number of extended attributes.
+    pub xattr_count: usize,
+}
+
+type Handle = *mut c_void;
+
+/// The function table of ABI version 1. Fields are only ever appended.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TableV1 {
+    /// Always 1 for this table.
+    pub abi_version: u32,
+    /// `size_of::<TableV1>()` as the plugin was built.
+    pub struct_size: u32,
+    /// The backend's name (UTF-8, static).
+    pub name: Bytes,
+    /// Build a backend from its settings.
+    pub create:
+        unsafe extern "C" fn(cfg: *const FfiConfig, out: *mut Handle, err: *mut FfiError) -> i32,
+    /// Drop a backend made by `create`.
+    pub destroy: unsafe extern "C" fn(h: Handle),
+    /// Capability bits (see [`caps_to_bits`]).
+    pub capabilities: unsafe extern "C" fn(h: Handle, out: *mut u64, err: *mut FfiError) -> i32,
+    /// `available` = 1, or 0 with the reason sent to `sink`.
+    pub probe: unsafe extern "C" fn(
+        h: Handle,
+        available: *mut u32,
+        sink: Sink,
+        ctx: *mut c_void,
+        err: *mut FfiError,
+    ) -> i32,
+    /// Open a session; the merged path goes to `sink`.
+    pub begin: unsafe extern "C" fn(
+        h: Handle,
+        spec: *const FfiSpec,
+        sink: Sink,
+        ctx: *mut c_void,
+        err: *mut FfiError,
+    ) -> i32,
+    /// The merged path of an open session, to `sink`.
+    pub merged_path: unsafe extern "C" fn(
+        h: Handle,
+        spec: *const FfiSpec,
+        sink: Sink,
+        ctx: *mut c_void,
+        err: *mut FfiError,
+    ) -> i32,
+    /// Stream the change set, in order, to `sink`. `opts` bit 0: hash all.
+    pub changes: unsafe extern "C" fn(
+        h: Handle,
+        spec: *const FfiSpec,
+        opts: u32,
+        sink: ChangeSink,
+        ctx: *mut c_void,
+        err: *mut FfiError,
+    ) -> i32,
+    /// Fold the layer into the base.
+    pub move_down: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
+    /// Drop the layer.
+    pub discard: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
+    /// Release without folding or discarding.
+    pub release: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
+    /// `ok` = 1, or 0 with what is stale sent to `sink`.
+    pub health: unsafe extern "C" fn(
+        h: Handle,
+        spec: *const FfiSpec,
+        ok: *mut u32,
+        sink: Sink,
+        ctx: *mut c_void,
+        err: *mut FfiError,
+    ) -> i32,
+    /// Free the message of an error this plugin filled in.
+    pub free_error: unsafe extern "C" fn(err: *mut FfiError),
+}
+
+// SAFETY: the table is immutable static data: function pointers and a
+// pointer to a static name.
+unsafe impl Sync for TableV1 {}
+
+/// The entry symbol of ABI version `v`.
+pub fn entry_symbol(v: u32) -> String {
+    format!("layerpack_backend_v{v}")
+}
+
+// ---------------------------------------------------------------------------
+// Codes shared by both sides.
+
+const KINDS: [ErrorKind; 10] = [
+    ErrorKind::NotFound,
+    ErrorKind::InvalidInput,
+    ErrorKind::Config,
+    ErrorKind::Unsupported,
+    ErrorKind::Busy,
+    ErrorKind::AlreadyOpen,
+    ErrorKind::Corrupt,
+    ErrorKind::Permission,
+    ErrorKind::Io,
+    ErrorKind::Plugin,
+];
+
+/// Stable code of an [`ErrorKind`].
+pub fn kind_code(k: ErrorKind) -> u32 {
+    KINDS.iter().position(|x| *x == k).unwrap_or(9) as u32
+}
+
+/// The [`ErrorKind`] of a code (unknown codes: `Plugin`).
+pub fn kind_of(code: u32) -> ErrorKind {
+    KINDS
+        .get(code as usize)
+        .copied()
+        .unwrap_or(ErrorKind::Plugin)
+}
+
+const FILE_KINDS: [FileKind; 7] = [
+    FileKind::File,
+    FileKind::Dir,
+    FileKind::Symlink,
+    FileKind::CharDevice,
+    FileKind::BlockDevice,
+    FileKind::Fifo,
+    FileKind::Socket,
+];
+
+/// Stable code of a [`FileKind`].
+pub fn file_kind_code(k: FileKind) -> u32 {
+    FILE_KINDS.iter().position(|x| *x == k).unwrap_or(0) as u32
+}
+
+/// Capabilities as bits: 1 can_discard, 2 needs_root, 4 online_move_down,
+/// 8 rootless, 16 in_place, 32 records_ownership, 64 reserves_wh_names.
+pub fn caps_to_bits(c: &Capabilities) -> u64 {
+    c.list()
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, v))| *v)
+        .fold(0, |acc, (i, _)| acc | (1 << i))
+}
+
+/// The inverse of [`caps_to_bits`]; unknown bits are ignored.
+pub fn caps_from_bits(b: u64) -> Capabilities {
+    let bit = |i: u32| b & (1 << i) != 0;
+    Capabilities {
+        can_discard: bit(0),
+        needs_root: bit(1),
+        online_move_down: bit(2),
+        rootless: bit(3),
+        in_place: bit(4),
+        records_ownership: bit(5),
+        reserves_wh_names: bit(6),
+    }
+}
+
+fn change_code(k: ChangeKind) -> u32 {
+    match k {
+        ChangeKind::Added => 0,
+        ChangeKind::Modified {
+            content_changed: false,
+        } => 1,
+        ChangeKind::Modified {
+            content_changed: true,
+        } => 2,
+        ChangeKind::Deleted => 3,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Plugin side.
+
+/// A backend that can be exported as a plugin with
+/// [`export_backend!`](crate::export_backend).
+pub trait PluginBackend: LayerBackend + Sized + 'static {
+    /// The name it registers under (must not clash with a built-in).
+    const NAME: &'static str;
+
+    /// Build it from its `[backends.<NAME>]` settings.
+    fn create(cfg: &BackendConfig) -> Result<Self>;
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+unsafe fn fill_error(err: *mut FfiError, kind: ErrorKind, message: String) {
+    if err.is_null() {
+        return;
+    }
+    let mut m = std::mem::ManuallyDrop::new(message.into_bytes());
+    // SAFETY: the host passes a valid, exclusive error slot.
+    unsafe {
+        *err = FfiError {
+            kind: kind_code(kind),
+            message: m.as_mut_ptr(),
+            len: m.len(),
+            capacity: m.capacity(),
+        };
+    }
+}
+
+/// Run `f` for the exported function `what`: 0 on success; -1 with `err`
+/// filled on an error or a panic.
+fn guard(err: *mut FfiError, backend: &str, what: &str, f: impl FnOnce() -> Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            // SAFETY: `err` is the host's error slot for this call.
+            unsafe { fill_error(err, e.kind(), e.to_string()) };
+            -1
+        }
+        Err(p) => {
+            let msg = format!(
+                "plugin backend '{backend}' panicked in {what}: {}",
+                panic_text(&*p)
+            );
+            // SAFETY: as above.
+            unsafe { fill_error(err, ErrorKind::Plugin, msg) };
+            -1
+        }
+    }
+}
+
+fn path_of(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(b))
+}
+
+unsafe fn spec_in(spec: *const FfiSpec) -> Result<SessionSpec> {
+    // SAFETY: the host passes a valid spec whose slices live for the call.
+    let s = unsafe { &*spec };
+    let package = String::from_utf8(unsafe { s.package.as_slice() }.to_vec())
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "package name is not UTF-8"))?;
+    Ok(SessionSpec {
+        package,
+        base: path_of(unsafe { s.base.as_slice() }),
+        dir: path_of(unsafe { s.dir.as_slice() }),
+    })
+}
+
+unsafe fn config_in(cfg: *const FfiConfig) -> Result<BackendConfig> {
+    // SAFETY: the host passes a valid config whose slices live for the call.
+    let c = unsafe { &*cfg };
+    let text = |b: Bytes| String::from_utf8_lossy(unsafe { b.as_slice() }).into_owned();
+    let name = text(c.name);
+    let table: toml::Table = toml::from_str(&text(c.toml)).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("[backends.{name}]: {}", e.message()),
+        )
+    })?;
+    let origin_path = unsafe { c.origin_path.as_slice() };
+    Ok(BackendConfig {
+        name,
+        table,
+        origin: (!origin_path.is_empty()).then(|| (path_of(origin_path), c.origin_line as usize)),
+    })
+}
+
+unsafe fn backend<'a, T>(h: Handle) -> &'a T {
+    // SAFETY: `h` came from `p_create::<T>` and has not been destroyed.
+    unsafe { &*(h as *const T) }
+}
+
+fn send(sink: Sink, ctx: *mut c_void, b: &[u8]) {
+    // SAFETY: the host's sink copies the bytes during the call.
+    unsafe { sink(ctx, Bytes::of(b)) }
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_create<T: PluginBackend>(
+    cfg: *const FfiConfig,
+    out: *mut Handle,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "create", || {
+        let cfg = unsafe { config_in(cfg) }?;
+        let b = Box::new(T::create(&cfg)?);
+        // SAFETY: `out` is the host's slot for the handle.
+        unsafe { *out = Box::into_raw(b) as Handle };
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_destroy<T: PluginBackend>(h: Handle) {
+    if !h.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: `h` came from `p_create::<T>`; the host destroys once.
+            drop(unsafe { Box::from_raw(h as *mut T) })
+        }));
+    }
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_capabilities<T: PluginBackend>(
+    h: Handle,
+    out: *mut u64,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "capabilities", || {
+        let bits = caps_to_bits(&unsafe { backend::<T>(h) }.capabilities());
+        unsafe { *out = bits };
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_probe<T: PluginBackend>(
+    h: Handle,
+    available: *mut u32,
+    sink: Sink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "probe", || {
+        let p = unsafe { backend::<T>(h) }.probe();
+        if let Some(r) = p.reason() {
+            send(sink, ctx, r.as_bytes());
+        }
+        unsafe { *available = u32::from(p.is_available()) };
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_begin<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    sink: Sink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "begin", || {
+        let spec = unsafe { spec_in(spec) }?;
+        let merged = unsafe { backend::<T>(h) }.begin(&spec)?;
+        send(sink, ctx, merged.as_os_str().as_bytes());
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_merged_path<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    sink: Sink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "merged_path", || {
+        let spec = unsafe { spec_in(spec) }?;
+        let merged = unsafe { backend::<T>(h) }.merged_path(&spec)?;
+        send(sink, ctx, merged.as_os_str().as_bytes());
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_changes<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    opts: u32,
+    sink: ChangeSink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "changes", || {
+        let spec = unsafe { spec_in(spec) }?;
+        let opts = ChangeOptions {
+            hash_all: opts & 1 != 0,
+        };
+        let cs = unsafe { backend::<T>(h) }.changes(&spec, &opts)?;
+        for c in cs.changes() {
+            let m = &c.meta;
+            let xattrs: Vec<FfiXattr> = m
+                .xattrs
+                .iter()
+                .map(|(k, v)| FfiXattr {
+                    name: Bytes::of(k),
+                    value: Bytes::of(v),
+                })
+                .collect();
+            let mut flags = 0;
+            let (major, minor) = m.rdev.unwrap_or((0, 0));
+            flags |= if m.rdev.is_some() { HAS_RDEV } else { 0 };
+            flags |= if m.link_target.is_some() {
+                HAS_LINK_TARGET
+            } else {
+                0
+            };
+            flags |= if m.sha256.is_some() { HAS_SHA256 } else { 0 };
+            flags |= if m.link_group.is_some() {
+                HAS_LINK_GROUP
+            } else {
+                0
+            };
+            let fc = FfiChange {
+                path: Bytes::of(c.path.as_bytes()),
+                change: change_code(c.kind),
+                file_kind: file_kind_code(m.kind),
+                mode: m.mode,
+                uid: m.uid,
+                gid: m.gid,
+                flags,
+                size: m.size,
+                mtime_ns: m.mtime_ns,
+                rdev_major: major,
+                rdev_minor: minor,
+                link_target: Bytes::of(m.link_target.as_deref().unwrap_or(&[])),
+                sha256: m.sha256.unwrap_or([0; 32]),
+                link_group: m.link_group.unwrap_or(0),
+                xattrs: xattrs.as_ptr(),
+                xattr_count: xattrs.len(),
+            };
+            // SAFETY: `fc` and what it points to live across the call.
+            if unsafe { sink(ctx, &fc) } != 0 {
+                return Err(Error::new(
+                    ErrorKind::Plugin,
+                    "the host stopped reading the change set",
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
+macro_rules! plugin_spec_call {
+    ($fn:ident, $method:ident) => {
+        #[doc(hidden)]
+        pub unsafe extern "C" fn $fn<T: PluginBackend>(
+            h: Handle,
+            spec: *const FfiSpec,
+            err: *mut FfiError,
+        ) -> i32 {
+            guard(err, T::NAME, stringify!($method), || {
+                let spec = unsafe { spec_in(spec) }?;
+                unsafe { backend::<T>(h) }.$method(&spec)
+            })
+        }
+    };
+}
+plugin_spec_call!(p_move_down, move_down);
+plugin_spec_call!(p_discard, discard);
+plugin_spec_call!(p_release, release);
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_health<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    ok: *mut u32,
+    sink: Sink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "health", || {
+        let spec = unsafe { spec_in(spec) }?;
+        match unsafe { backend::<T>(h) }.health(&spec) {
+            Health::Ok => unsafe { *ok = 1 },
+            Health::Stale(why) => {
+                send(sink, ctx, why.as_bytes());
+                unsafe { *ok = 0 };
+            }
+        }
+        Ok(())
+    })
+}
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_free_error(err: *mut FfiError) {
+    if err.is_null() {
+        return;
+    }
+    // SAFETY: the message was allocated by `fill_error` in this library
+    // with this length and capacity, and is freed once.
+    unsafe {
+        let e = &mut *err;
+        if !e.message.is_null() {
+            drop(Vec::from_raw_parts(e.message, e.len, e.capacity));
+        }
+        e.message = std::ptr::null_mut();
+        e.len = 0;
+        e.capacity = 0;
+    }
+}
+
+/// The table for `T` (used by [`export_backend!`](crate::export_backend)).
+pub const fn table_v1<T: PluginBackend>() -> TableV1 {
+    TableV1 {
+        abi_version: 1,
+        struct_size: std::mem::size_of::<TableV1>() as u32,
+        name: Bytes::of(T::NAME.as_bytes()),
+        create: p_create::<T>,
+        destroy: p_destroy::<T>,
+        capabilities: p_capabilities::<T>,
+        probe: p_probe::<T>,
+        begin: p_begin::<T>,
+        merged_path: p_merged_path::<T>,
+        changes: p_changes::<T>,
+        move_down: p_move_down::<T>,
+        discard: p_discard::<T>,
+        release: p_release::<T>,
+        health: p_health::<T>,
+        free_error: p_free_error,
+    }
+}
+
+/// Export a [`PluginBackend`] from a `cdylib` crate as a layerpack plugin:
+/// `layerpack_core::export_backend!(MyBackend);` at the crate's top level.
+/// It defines the entry symbol `layerpack_backend_v1`; the plugin author
+/// writes no `unsafe`.
+#[macro_export]
+macro_rules! export_backend {
+    ($ty:ty) => {
+        /// Entry point of the layerpack backend plugin (ABI version 1).
+        #[allow(unsafe_code)]
+        #[no_mangle]
+        pub extern "C" fn layerpack_backend_v1() -> *const $crate::plugin::TableV1 {
+            static TABLE: $crate::plugin::TableV1 = $crate::plugin::table_v1::<$ty>();
+            &TABLE
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+/// A loaded plugin library (never unloaded).
+#[derive(Clone, Copy, Debug)]
+pub struct PluginLibrary {
+    /// The file, canonical.
+    pub path: &'static Path,
+    /// ABI version it implements.
+    pub abi: u32,
+    /// Backend name it exports.
+    pub name: &'static str,
+    table: &'static TableV1,
+}
+
+fn plugin_error(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Plugin,
+        format!("plugin {}: {msg}", path.display()),
+    )
+}
+
+/// Refuse, when running as root, a plugin file or any directory above it
+/// that another user could write (a sticky directory is fine when the
+/// entry in it belongs to root or the caller).
+pub fn check_plugin_permissions(path: &Path) -> Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    if me != 0 {
+        return Ok(());
+    }
+    let mut child_owner: Option<u32> = None;
+    let mut cur = Some(path);
+    while let Some(p) = cur {
+        let md = std::fs::metadata(p).map_err(|e| Error::io(p, "cannot stat", e))?;
+        let owner_ok = md.uid() == 0 || md.uid() == me;
+        let writable_by_others = md.mode() & 0o022 != 0;
+        let sticky_ok = md.is_dir()
+            && md.mode() & 0o1000 != 0
+            && child_owner.is_some_and(|o| o == 0 || o == me);
+        if !owner_ok || (writable_by_others && !sticky_ok) {
+            let what = if p == path {
+                "the file"
+            } else {
+                "a directory above it"
+            };
+            return Err(plugin_error(
+                path,
+                format!(
+                    "refused: {what} ({}) can be written by another user (owner uid {}, mode {:o}); a root process only loads plugins that root alone can change",
+                    p.display(),
+                    md.uid(),
+                    md.mode() & 0o7777
+                ),
+            )
+            .with_kind(ErrorKind::Permission));
+        }
+        child_owner = Some(md.uid());
+        cur = p.parent().filter(|q| !q.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
+fn loaded() -> &'static Mutex<HashMap<PathBuf, PluginLibrary>> {
+    static LOADED: OnceLock<Mutex<HashMap<PathBuf, PluginLibrary>>> = OnceLock::new();
+    LOADED.get_or_init(Default::default)
+}
+
+type Entry = unsafe extern "C" fn() -> *const TableV1;
+
+/// Load the plugin at `path` (once per process; later calls return the
+/// same library).
+pub fn load(path: &Path) -> Result<PluginLibrary> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            plugin_error(path, "no such file").with_kind(ErrorKind::NotFound)
+        } else {
+            Error::io(path, "cannot open plugin", e)
+        }
+    })?;
+    let mut map = loaded().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(lib) = map.get(&canonical) {
+        return Ok(*lib);
+    }
+    check_plugin_permissions(&canonical)?;
+    // SAFETY: loading runs the library's initialisers. The file was named
+    // in the config and passed the permission check above; that trust is
+    // what a plugin system rests on.
+    let lib = unsafe { libloading::Library::new(&canonical) }
+        .map_err(|e| plugin_error(&canonical, format!("not a loadable shared library ({e})")))?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    let find = |v: u32| -> Option<Entry> {
+        let sym = format!("{}\0", entry_symbol(v));
+        // SAFETY: the symbol is only called with the signature the ABI
+        // defines for it.
+        unsafe { lib.get::<Entry>(sym.as_bytes()) }.ok().map(|s| *s)
+    };
+    let Some((abi, entry)) = (ABI_MIN..=ABI_MAX)
+        .rev()
+        .find_map(|v| find(v).map(|e| (v, e)))
+    else {
+        let newer = (ABI_MAX + 1..=ABI_SCAN_LIMIT)
+            .rev()
+            .find(|v| find(*v).is_some());
+        let older = (0..ABI_MIN).rev().find(|v| find(*v).is_some());
+        let msg = match newer.or(older) {
+            Some(v) => format!("implements ABI {v}; this build supports {ABI_MIN}..={ABI_MAX}"),
+            None => format!(
+                "does not export {} (build it as a cdylib with layerpack_core::export_backend!)",
+                entry_symbol(ABI_MAX)
+            ),
+        };
+        return Err(plugin_error(&canonical, msg));
+    };
+    // SAFETY: the entry function takes nothing and returns a pointer to a
+    // static table (or null).
+    let table = unsafe { entry() };
+    if table.is_null() {
+        return Err(plugin_error(
+            &canonical,
+            "its entry point returned no table",
+        ));
+    }
+    // SAFETY: read the two leading fields first, which every version has.
+    let (version, size) = unsafe { ((*table).abi_version, (*table).struct_size) };
+    if version != abi {
+        return Err(plugin_error(
+            &canonical,
+            format!("{} returned a table for ABI {version}", entry_symbol(abi)),
+        ));
+    }
+    let need = std::mem::size_of::<TableV1>() as u32;
+    if size < need {
+        return Err(plugin_error(
+            &canonical,
+            format!("its ABI {abi} table has {size} bytes; at least {need} are needed"),
+        ));
+    }
+    // SAFETY: the table is static in a library that is never unloaded and
+    // holds at least the fields of TableV1.
+    let table: &'static TableV1 = unsafe { &*table };
+    let name_bytes = unsafe { table.name.as_slice() };
+    let name = std::str::from_utf8(name_bytes)
+        .ok()
+        .filter(|n| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        })
+        .ok_or_else(|| {
+            plugin_error(
+                &canonical,
+                "its backend name must be non-empty ASCII letters, digits, '-' or '_'",
+            )
+        })?;
+    let lib = PluginLibrary {
+        path: Box::leak(canonical.clone().into_boxed_path()),
+        abi,
+        name: Box::leak(name.to_string().into_boxed_str()),
+        table,
+    };
+    map.insert(canonical, lib);
+    Ok(lib)
+}
+
+/// Load the plugin at `path` and register its backend. A name taken by a
+/// built-in or another plugin is refused.
+pub fn register_plugin(registry: &mut Registry, path: &Path) -> Result<PluginLibrary> {
+    let lib = load(path)?;
+    registry
+        .register(
+            lib.name,
+            Origin::Plugin {
+                path: lib.path.to_path_buf(),
+                abi: lib.abi,
+            },
+            Box::new(move |cfg: &BackendConfig| {
+                DynBackend::create(lib, cfg).map(|b| Box::new(b) as Box<dyn LayerBackend>)
+            }),
+        )
+        .map_err(|e| plugin_error(lib.path, e).with_kind(ErrorKind::Config))?;
+    Ok(lib)
+}
+
+/// A backend living in a plugin, behind the [`LayerBackend`] trait.
+pub struct DynBackend {
+    lib: PluginLibrary,
+    handle: Handle,
+    caps: Capabilities,
+}
+
+// SAFETY: plugin backends implement `LayerBackend`, which is `Send + Sync`
+// (the ABI requires it of every table function); the handle is only used
+// through that table.
+unsafe impl Send for DynBackend {}
+// SAFETY: as above.
+unsafe impl Sync for DynBackend {}
+
+unsafe extern "C" fn collect_bytes(ctx: *mut c_void, b: Bytes) {
+    // SAFETY: `ctx` is the `Vec<u8>` passed with this sink; `b` is valid
+    // for the call.
+    let out = unsafe { &mut *(ctx as *mut Vec<u8>) };
+    out.extend_from_slice(unsafe { b.as_slice() });
+}
+
+struct ChangeCollector {
+    changes: Vec<Change>,
+    error: Option<Error>,
+}
+
+fn change_in(c: &FfiChange) -> std::result::Result<Change, String> {
+    // SAFETY (for every `as_slice` here): the plugin keeps what `c` points
+    // to alive during the callback.
+    let path = unsafe { c.path.as_slice() };
+    if path.is_empty()
+        || path.starts_with(b"/")
+        || path
+            .split(|&b| b == b'/')
+            .any(|s| s.is_empty() || s == b"." || s == b"..")
+    {
+        return Err(format!(
+            "invalid path {:?} in the change set",
+            String::from_utf8_lossy(path)
+        ));
+    }
+    let kind = match c.change {
+        0 => ChangeKind::Added,
+        1 => ChangeKind::Modified {
+            content_changed: false,
+        },
+        2 => ChangeKind::Modified {
+            content_changed: true,
+        },
+        3 => ChangeKind::Deleted,
+        n => return Err(format!("unknown change code {n}")),
+    };
+    let file_kind = *FILE_KINDS
+        .get(c.file_kind as usize)
+        .ok_or_else(|| format!("unknown file kind code {}", c.file_kind))?;
+    let mut meta = Meta::new(file_kind, c.mode);
+    meta.uid = c.uid;
+    meta.gid = c.gid;
+    meta.size = c.size;
+    meta.mtime_ns = c.mtime_ns;
+    meta.rdev = (c.flags & HAS_RDEV != 0).then_some((c.rdev_major, c.rdev_minor));
+    meta.link_target =
+        (c.flags & HAS_LINK_TARGET != 0).then(|| unsafe { c.link_target.as_slice() }.to_vec());
+    meta.sha256 = (c.flags & HAS_SHA256 != 0).then_some(c.sha256);
+    meta.link_group = (c.flags & HAS_LINK_GROUP != 0).then_some(c.link_group);
+    if c.xattr_count > 0 && !c.xattrs.is_null() {
+        // SAFETY: the plugin passes `xattr_count` records at `xattrs`.
+        let xs = unsafe { std::slice::from_raw_parts(c.xattrs, c.xattr_count) };
+        for x in xs {
+            meta.xattrs.insert(
+                unsafe { x.name.as_slice() }.to_vec(),
+                unsafe { x.value.as_slice() }.to_vec(),
+            );
+        }
+    }
+    Ok(Change {
+        path: RelPath::from_bytes(path),
+        kind,
+        meta,
+    })
+}
+
+unsafe extern "C" fn collect_change(ctx: *mut c_void, c: *const FfiChange) -> i32 {
+    // SAFETY: `ctx` is the collector passed with this sink; `c` is valid
+    // for the call.
+    let col = unsafe { &mut *(ctx as *mut ChangeCollector) };
+    match catch_unwind(AssertUnwindSafe(|| change_in(unsafe { &*c }))) {
+        Ok(Ok(ch)) => {
+            col.changes.push(ch);
+            0
+        }
+        Ok(Err(msg)) => {
+            col.error = Some(Error::new(ErrorKind::Plugin, msg));
+            1
+        }
+        Err(_) => {
+            col.error = Some(Error::new(ErrorKind::Plugin, "cannot read a change"));
+            1
+        }
+    }
+}
+
+struct SpecBuf {
+    package: Vec<u8>,
+    base: Vec<u8>,
+    dir: Vec<u8>,
+}
+
+impl SpecBuf {
+    fn new(s: &SessionSpec) -> SpecBuf {
+        SpecBuf {
+            package: s.package.as_bytes().to_vec(),
+            base: s.base.as_os_str().as_bytes().to_vec(),
+            dir: s.dir.as_os_str().as_bytes().to_vec(),
+        }
+    }
+
+    fn ffi(&self) -> FfiSpec {
+        FfiSpec {
+            package: Bytes::of(&self.package),
+            base: Bytes::of(&self.base),
+            dir: Bytes::of(&self.dir),
+        }
+    }
+}
+
+impl DynBackend {
+    /// Create the plugin's backend from `cfg`.
+    pub fn create(lib: PluginLibrary, cfg: &BackendConfig) -> Result<DynBackend> {
+        let name = cfg.name.as_bytes().to_vec();
+        let text = cfg.to_text().into_bytes();
+        let origin = cfg
+            .origin
+            .as_ref()
+            .map(|(p, _)| p.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default();
+        let fc = FfiConfig {
+            name: Bytes::of(&name),
+            toml: Bytes::of(&text),
+            origin_path: Bytes::of(&origin),
+            origin_line: cfg.origin.as_ref().map_or(0, |(_, l)| *l as u64),
+        };
+        let mut handle: Handle = std::ptr::null_mut();
+        call(lib, |err| unsafe {
+            (lib.table.create)(&fc, &mut handle, err)
+        })?;
+        if handle.is_null() {
+            return Err(plugin_error(lib.path, "create returned no backend"));
+        }
+        let mut b = DynBackend {
+            lib,
+            handle,
+            caps: Capabilities::default(),
+        };
+        let mut bits = 0u64;
+        call(lib, |err| unsafe {
+            (lib.table.capabilities)(b.handle, &mut bits, err)
+        })?;
+        b.caps = caps_from_bits(bits);
+        Ok(b)
+    }
+
+    /// The library this backend comes from.
+    pub fn library(&self) -> PluginLibrary {
+        self.lib
+    }
+
+    fn path_call(
+        &self,
+        spec: &SessionSpec,
+        f: unsafe extern "C" fn(Handle, *const FfiSpec, Sink, *mut c_void, *mut FfiError) -> i32,
+    ) -> Result<PathBuf> {
+        let buf = SpecBuf::new(spec);
+        let fs = buf.ffi();
+        let mut out: Vec<u8> = Vec::new();
+        call(self.lib, |err| unsafe {
+            f(
+                self.handle,
+                &fs,
+                collect_bytes,
+                &mut out as *mut Vec<u8> as *mut c_void,
+                err,
+            )
+        })?;
+        Ok(path_of(&out))
+    }
+
+    fn spec_call(
+        &self,
+        spec: &SessionSpec,
+        f: unsafe extern "C" fn(Handle, *const FfiSpec, *mut FfiError) -> i32,
+    ) -> Result<()> {
+        let buf = SpecBuf::new(spec);
+        let fs = buf.ffi();
+        call(self.lib, |err| unsafe { f(self.handle, &fs, err) })
+    }
+}
+
+/// Call into the plugin; turn a -1 into an [`Error`] and free the plugin's
+/// message.
+fn call(lib: PluginLibrary, f: impl FnOnce(*mut FfiError) -> i32) -> Result<()> {
+    let mut err = FfiError::empty();
+    if f(&mut err) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the plugin filled `err` with a message it owns.
+    let msg = String::from_utf8_lossy(unsafe {
+        Bytes {
+            ptr: err.message,
+            len: err.len,
+        }
+        .as_slice()
+    })
+    .into_owned();
+    let kind = kind_of(err.kind);
+    // SAFETY: freed once, by the library that allocated it.
+    unsafe { (lib.table.free_error)(&mut err) };
+    Err(Error::new(kind, msg))
+}
+
+impl Drop for DynBackend {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `create` and is destroyed once.
+        unsafe { (self.lib.table.destroy)(self.handle) };
+    }
+}
+
+impl LayerBackend for DynBackend {
+    fn name(&self) -> &str {
+        self.lib.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn probe(&self) -> Probe {
+        let mut available = 0u32;
+        let mut reason: Vec<u8> = Vec::new();
+        let r = call(self.lib, |err| unsafe {
+            (self.lib.table.probe)(
+                self.handle,
+                &mut available,
+                collect_bytes,
+                &mut reason as *mut Vec<u8> as *mut c_void,
+                err,
+            )
+        });
+        match r {
+            Err(e) => Probe::Unavailable(e.to_string()),
+            Ok(()) if available == 1 => Probe::Available,
+            Ok(()) => Probe::Unavailable(String::from_utf8_lossy(&reason).into_owned()),
+        }
+    }
+
+    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        self.path_call(spec, self.lib.table.begin)
+    }
+
+    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        self.path_call(spec, self.lib.table.merged_path)
+    }
+
+    fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet> {
+        let buf = SpecBuf::new(spec);
+        let fs = buf.ffi();
+        let mut col = ChangeCollector {
+            changes: Vec::new(),
+            error: None,
+        };
+        let r = call(self.lib, |err| unsafe {
+            (self.lib.table.changes)(
+                self.handle,
+                &fs,
+                u32::from(opts.hash_all),
+                collect_change,
+                &mut col as *mut ChangeCollector as *mut c_void,
+                err,
+            )
+        });
+        if let Some(e) = col.error {
+            return Err(plugin_error(self.lib.path, e));
+        }
+        r?;
+        Ok(ChangeSet::from_unsorted(col.changes))
+    }
+
+    fn move_down(&self, spec: &SessionSpec) -> Result<()> {
+        self.spec_call(spec, self.lib.table.move_down)
+    }
+
+    fn discard(&self, spec: &SessionSpec) -> Result<()> {
+        self.spec_call(spec, self.lib.table.discard)
+    }
+
+    fn release(&self, spec: &SessionSpec) -> Result<()> {
+        self.spec_call(spec, self.lib.table.release)
+    }
+
+    fn health(&self, spec: &SessionSpec) -> Health {
+        let buf = SpecBuf::new(spec);
+        let fs = buf.ffi();
+        let mut ok = 0u32;
+        let mut why: Vec<u8> = Vec::new();
+        let r = call(self.lib, |err| unsafe {
+            (self.lib.table.health)(
+                self.handle,
+                &fs,
+                &mut ok,
+                collect_bytes,
+                &mut why as *mut Vec<u8> as *mut c_void,
+                err,
+            )
+        });
+        match r {
+            Err(e) => Health::Stale(e.to_string()),
+            Ok(()) if ok == 1 => Health::Ok,
+            Ok(()) => Health::Stale(String::from_utf8_lossy(&why).into_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for k in KINDS {
+            assert_eq!(kind_of(kind_code(k)), k);
+        }
+        assert_eq!(kind_of(999), ErrorKind::Plugin);
+        let all = Capabilities {
+            can_discard: true,
+            needs_root: false,
+            online_move_down: true,
+            rootless: false,
+            in_place: true,
+            records_ownership: false,
+            reserves_wh_names: true,
+        };
+        assert_eq!(caps_from_bits(caps_to_bits(&all)), all);
+        assert_eq!(caps_to_bits(&all), 1 | 4 | 16 | 64);
+    }
+
+    #[test]
+    fn table_starts_with_version_and_size() {
+        assert_eq!(std::mem::offset_of!(TableV1, abi_version), 0);
+        assert_eq!(std::mem::offset_of!(TableV1, struct_size), 4);
+    }
+}
