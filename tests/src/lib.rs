@@ -54,3 +54,43 @@ pub fn layerpack_bin() -> std::path::PathBuf {
     })
     .clone()
 }
+
+/// Build `package` as a plugin (`cargo rustc --crate-type cdylib` with
+/// `features`) and return a copy of the library under a name of its own
+/// (`target/<profile>/plugins/<package>[-<features>].so`), so builds with
+/// different features do not overwrite each other.
+pub fn build_plugin(package: &str, features: &[&str]) -> std::path::PathBuf {
+    use std::sync::Mutex;
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let mut name = package.to_string();
+    for f in features {
+        name.push('-');
+        name.push_str(f);
+    }
+    let out = profile_dir.join("plugins").join(format!("{name}.so"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["rustc", "--quiet", "-p", package, "--crate-type", "cdylib"]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo rustc");
+    assert!(status.success(), "building plugin {name} failed");
+    let built = profile_dir.join(format!("lib{}.so", package.replace('-', "_")));
+    std::fs::create_dir_all(out.parent().expect("plugins directory")).expect("create plugins dir");
+    // Copy to a new inode: the loader caches libraries by path, and a
+    // library in use must not be overwritten in place.
+    let tmp = out.with_extension("so.tmp");
+    std::fs::copy(&built, &tmp).expect("copy plugin");
+    std::fs::rename(&tmp, &out).expect("install plugin");
+    out
+}

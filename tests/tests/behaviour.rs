@@ -1,16 +1,26 @@
 //! The behaviour matrix: every scenario of SCENARIOS.md against every
-//! registered backend. A backend or scenario that cannot run here is
-//! reported as ignored with the reason (printed before the run); for a
-//! backend named in `LAYERPACK_REQUIRE` that is a failure instead.
+//! registered backend, and against the snapshot and overlayfs backends
+//! built as plugins and loaded through the ABI (`plugin-<name>::…`): the
+//! same results are required either way. A backend or scenario that cannot
+//! run here is reported as ignored with the reason (printed before the
+//! run); for a backend named in `LAYERPACK_REQUIRE` that is a failure
+//! instead.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use layerpack_core::config::BackendConfig;
+use layerpack_core::registry::Registry;
 use layerpack_core::scenarios;
-use layerpack_tests::{builtin_registry, required_backends};
+use layerpack_tests::{build_plugin, builtin_registry, required_backends};
+
+type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
+
+/// Backends built as plugins and run through the ABI as well.
+const AS_PLUGINS: &[&str] = &["snapshot", "overlayfs"];
 use libtest_mimic::{Arguments, Failed, Trial};
 
 fn main() -> ExitCode {
@@ -29,14 +39,38 @@ fn main() -> ExitCode {
         }
     }
 
+    // (test-name prefix, backend name, how to get a registry holding it)
+    let mut sources: Vec<(String, String, MakeRegistry)> = registry
+        .names()
+        .into_iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                n.to_string(),
+                Arc::new(builtin_registry) as MakeRegistry,
+            )
+        })
+        .collect();
+    for name in AS_PLUGINS {
+        let so = build_plugin(&format!("layerpack-backend-{name}"), &["plugin"]);
+        let make: MakeRegistry = Arc::new(move || {
+            let mut r = Registry::new();
+            layerpack_core::plugin::register_plugin(&mut r, &so).expect("load plugin");
+            r
+        });
+        sources.push((format!("plugin-{name}"), name.to_string(), make));
+    }
+
     let mut trials = Vec::new();
-    for name in registry.names() {
+    for (label, name, make) in sources {
+        let registry = make();
+        let name = name.as_str();
         let must_run = required.iter().any(|r| r == name);
         let probe = registry
             .create(name, &BackendConfig::empty(name))
             .map(|b| (b.probe(), b.capabilities()));
         for sc in scenarios::all() {
-            let test_name = format!("{name}::{}", sc.test_name());
+            let test_name = format!("{label}::{}", sc.test_name());
             let (probe, caps) = match &probe {
                 Ok(p) => p.clone(),
                 Err(e) => {
@@ -67,10 +101,11 @@ fn main() -> ExitCode {
                 }
                 continue;
             }
-            let work = work.join(name);
+            let work = work.join(&label);
             let name = name.to_string();
+            let make = make.clone();
             trials.push(Trial::test(test_name, move || {
-                let registry = builtin_registry();
+                let registry = make();
                 let backend = registry
                     .create(&name, &BackendConfig::empty(&name))
                     .map_err(|e| Failed::from(e.to_string()))?;

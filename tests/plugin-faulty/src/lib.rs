@@ -1,0 +1,119 @@
+//! A backend plugin that misbehaves on purpose, for the loader tests.
+//!
+//! With the `export` feature it is an ABI 1 plugin named `faulty` whose
+//! `panic_in` setting names the entry point that panics (`create`,
+//! `capabilities`, `probe`, `begin`, `merged_path`, `changes`,
+//! `move_down`, `discard`, `release`, `health`); otherwise it does nothing
+//! useful but succeeds. With `abi3` it exports only an ABI 3 entry symbol;
+//! with neither, no entry symbol at all.
+
+use std::path::PathBuf;
+
+use layerpack_core::backend::{
+    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+};
+use layerpack_core::config::BackendConfig;
+use layerpack_core::model::ChangeSet;
+use layerpack_core::plugin::PluginBackend;
+use layerpack_core::Result;
+use serde::Deserialize;
+
+/// `[backends.faulty]` settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultySettings {
+    /// The entry point that panics.
+    pub panic_in: String,
+}
+
+/// The misbehaving backend.
+pub struct Faulty {
+    panic_in: String,
+}
+
+impl Faulty {
+    fn maybe_panic(&self, here: &str) {
+        if self.panic_in == here {
+            panic!("faulty backend told to panic in {here}");
+        }
+    }
+}
+
+impl PluginBackend for Faulty {
+    const NAME: &'static str = "faulty";
+
+    fn create(cfg: &BackendConfig) -> Result<Self> {
+        let s: FaultySettings = cfg.parse()?;
+        let b = Faulty {
+            panic_in: s.panic_in,
+        };
+        b.maybe_panic("create");
+        Ok(b)
+    }
+}
+
+impl LayerBackend for Faulty {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.maybe_panic("capabilities");
+        Capabilities {
+            can_discard: true,
+            ..Capabilities::default()
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        self.maybe_panic("probe");
+        Probe::Available
+    }
+
+    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        self.maybe_panic("begin");
+        Ok(spec.dir.join("merged"))
+    }
+
+    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        self.maybe_panic("merged_path");
+        Ok(spec.dir.join("merged"))
+    }
+
+    fn changes(&self, _spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
+        self.maybe_panic("changes");
+        Ok(ChangeSet::default())
+    }
+
+    fn move_down(&self, _spec: &SessionSpec) -> Result<()> {
+        self.maybe_panic("move_down");
+        Ok(())
+    }
+
+    fn discard(&self, _spec: &SessionSpec) -> Result<()> {
+        self.maybe_panic("discard");
+        Ok(())
+    }
+
+    fn release(&self, _spec: &SessionSpec) -> Result<()> {
+        self.maybe_panic("release");
+        Ok(())
+    }
+
+    fn health(&self, _spec: &SessionSpec) -> Health {
+        self.maybe_panic("health");
+        Health::Ok
+    }
+}
+
+#[cfg(feature = "export")]
+layerpack_core::export_backend!(Faulty);
+
+/// An entry point for an ABI this host does not know (its table is never
+/// read: the host refuses the version first).
+#[cfg(feature = "abi3")]
+#[allow(unsafe_code)]
+#[no_mangle]
+pub extern "C" fn layerpack_backend_v3() -> *const u8 {
+    std::ptr::null()
+}
