@@ -300,6 +300,11 @@ impl AufsBackend {
         let mut report = MoveDownReport::default();
         if !self.cfg.offline && upper.is_dir() && self.sys.is_mounted(&merged, Some("aufs")) {
             report = self.move_down_online(&upper, &merged, &readable)?;
+            if let Some(why) = &report.stopped {
+                // Not an error (the fold does the rest), but a user on an
+                // aufs host wants to know the online step is not working.
+                eprintln!("layerpack: aufs move-down ioctl given up ({why}); folding the rest after unmounting");
+            }
         }
         // The rest is folded from userspace, after unmounting.
         self.unmount_all(spec)?;

@@ -379,6 +379,14 @@ fn backends_lists_every_backend_with_a_reason() {
             assert!(!l["reason"].as_str().unwrap().is_empty());
         }
     }
+    let kernel_has_aufs = fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("aufs"));
+    if !kernel_has_aufs {
+        assert_eq!(lines[3]["available"], false);
+        assert_eq!(lines[3]["reason"], "aufs not in /proc/filesystems");
+    }
 }
 
 #[test]

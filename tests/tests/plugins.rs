@@ -73,6 +73,17 @@ fn an_abi_version_out_of_range_is_named_with_the_supported_range() {
 }
 
 #[test]
+fn a_longer_table_is_accepted_and_a_short_one_refused() {
+    let p = build_plugin("layerpack-plugin-faulty", &["appended"]);
+    let b = load_plugin_backend(&p, "").unwrap();
+    assert_eq!(b.name(), "faulty");
+    assert_eq!(b.probe(), Probe::Available);
+    let p = build_plugin("layerpack-plugin-faulty", &["truncated"]);
+    let e = load_err(&p);
+    assert!(e.to_string().contains("table has 8 bytes; at least"), "{e}");
+}
+
+#[test]
 fn a_name_taken_by_a_built_in_is_refused() {
     let p = build_plugin("layerpack-backend-snapshot", &["plugin"]);
     let mut r = builtin_registry();
@@ -173,6 +184,8 @@ fn a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running() {
             assert_eq!(b.merged_path(&spec).unwrap(), spec.dir.join("merged"));
         }
     }
+    // A panic while the host drops the backend is caught too.
+    drop(with("destroy"));
     // A well-behaved instance of the same library works normally.
     let ok = with("nowhere");
     assert_eq!(ok.begin(&spec).unwrap(), spec.dir.join("merged"));

@@ -3,9 +3,11 @@
 //! With the `export` feature it is an ABI 1 plugin named `faulty` whose
 //! `panic_in` setting names the entry point that panics (`create`,
 //! `capabilities`, `probe`, `begin`, `merged_path`, `changes`,
-//! `move_down`, `discard`, `release`, `health`); otherwise it does nothing
-//! useful but succeeds. With `abi3` it exports only an ABI 3 entry symbol;
-//! with neither, no entry symbol at all.
+//! `move_down`, `discard`, `release`, `health`, `destroy`); otherwise it
+//! does nothing useful but succeeds. With `abi3` it exports only an ABI 3
+//! entry symbol; with `appended`, an ABI 1 table followed by a field a
+//! newer release might add (a larger `struct_size`); with `truncated`, a
+//! table whose `struct_size` is too small; with none, no entry symbol.
 
 use std::path::PathBuf;
 
@@ -49,6 +51,14 @@ impl PluginBackend for Faulty {
         };
         b.maybe_panic("create");
         Ok(b)
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        if self.panic_in == "destroy" && !std::thread::panicking() {
+            panic!("faulty backend told to panic in destroy");
+        }
     }
 }
 
@@ -106,8 +116,42 @@ impl LayerBackend for Faulty {
     }
 }
 
-#[cfg(feature = "export")]
+// One ABI 1 entry point per build: `appended`/`truncated` replace `export`.
+#[cfg(all(
+    feature = "export",
+    not(any(feature = "appended", feature = "truncated"))
+))]
 layerpack_core::export_backend!(Faulty);
+
+/// A table as a newer release might write it: ABI 1 plus an appended
+/// field, announced by a larger `struct_size`.
+#[cfg(any(feature = "appended", feature = "truncated"))]
+#[repr(C)]
+pub struct TableWithMore {
+    /// The ABI 1 part.
+    pub v1: layerpack_core::plugin::TableV1,
+    /// What a newer release appended.
+    pub appended: usize,
+}
+
+#[cfg(any(feature = "appended", feature = "truncated"))]
+static MORE: TableWithMore = {
+    let mut v1 = layerpack_core::plugin::table_v1::<Faulty>();
+    v1.struct_size = if cfg!(feature = "truncated") {
+        8
+    } else {
+        std::mem::size_of::<TableWithMore>() as u32
+    };
+    TableWithMore { v1, appended: 42 }
+};
+
+/// ABI 1 entry point returning the extended (or truncated) table.
+#[cfg(any(feature = "appended", feature = "truncated"))]
+#[allow(unsafe_code)]
+#[no_mangle]
+pub extern "C" fn layerpack_backend_v1() -> *const layerpack_core::plugin::TableV1 {
+    &MORE.v1
+}
 
 /// An entry point for an ABI this host does not know (its table is never
 /// read: the host refuses the version first).
