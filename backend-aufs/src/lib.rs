@@ -22,7 +22,6 @@ pub mod mvdown;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,6 +35,7 @@ use layerpack_core::sys::{MountFlags, RealSys, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, UpperEntry, WhiteoutFormat, AUFS_WH_PREFIX};
 use layerpack_core::tree::{ScanOptions, TreeScan};
+use layerpack_core::union::UnionSession;
 use layerpack_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
 
@@ -114,27 +114,12 @@ impl AufsBackend {
         self
     }
 
-    fn upper(spec: &SessionSpec) -> PathBuf {
-        spec.dir.join("upper")
-    }
-
-    fn session_in_place(spec: &SessionSpec) -> bool {
-        fs::read_to_string(spec.dir.join("mode"))
-            .is_ok_and(|m| m.lines().next().is_some_and(|l| l.trim() == "in-place"))
-    }
-
-    /// Where the install writes, and where the untouched base is read.
-    fn places(&self, spec: &SessionSpec) -> (PathBuf, PathBuf) {
-        if Self::session_in_place(spec) {
-            let lower = spec.dir.join("lower");
-            let readable = if self.sys.is_mounted(&lower, None) {
-                lower
-            } else {
-                spec.base.clone()
-            };
-            (spec.base.clone(), readable)
-        } else {
-            (spec.dir.join("merged"), spec.base.clone())
+    /// The session's mounts and files.
+    fn session<'a>(&'a self, spec: &'a SessionSpec) -> UnionSession<'a> {
+        UnionSession {
+            sys: &*self.sys,
+            spec,
+            fstype: "aufs",
         }
     }
 
@@ -158,40 +143,10 @@ impl AufsBackend {
         ))
     }
 
-    fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
-        if self.sys.is_mounted(at, fstype) {
-            self.sys
-                .umount(at)
-                .map_err(|e| Error::io(at, "cannot unmount (is a process still using it?)", e))?;
-        }
-        Ok(())
-    }
-
-    fn unmount_all(&self, spec: &SessionSpec) -> Result<()> {
-        if Self::session_in_place(spec) {
-            self.unmount(&spec.base, Some("aufs"))?;
-            self.unmount(&spec.dir.join("lower"), None)
-        } else {
-            self.unmount(&spec.dir.join("merged"), Some("aufs"))
-        }
-    }
-
-    fn remove_session_files(spec: &SessionSpec) -> Result<()> {
-        for d in ["upper", "merged", "lower"] {
-            let d = spec.dir.join(d);
-            if d.exists() {
-                fs::remove_dir_all(&d).map_err(|e| Error::io(&d, "cannot remove", e))?;
-            }
-        }
-        for f in ["xino", "mode"] {
-            let _ = fs::remove_file(spec.dir.join(f));
-        }
-        Ok(())
-    }
-
     /// Checks on the base and the state directory before anything is
     /// mounted.
-    fn check_base(spec: &SessionSpec, upper: &Path) -> Result<()> {
+    fn check_base(session: &UnionSession) -> Result<()> {
+        let spec = session.spec;
         let fs_type = nix::sys::statfs::statfs(&spec.base)
             .map_err(|e| Error::io(&spec.base, "cannot statfs", e.into()))?
             .filesystem_type()
@@ -205,20 +160,7 @@ impl AufsBackend {
                 ),
             ));
         }
-        let dev = |p: &Path| {
-            fs::metadata(p)
-                .map(|m| m.dev())
-                .map_err(|e| Error::io(p, "cannot stat", e))
-        };
-        if dev(&spec.base)? != dev(upper)? {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
-                    spec.base.display()
-                ),
-            ));
-        }
+        session.check_same_filesystem()?;
         if let Some(p) = find_wh_name(&spec.base)? {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -295,8 +237,9 @@ impl AufsBackend {
 
     /// Move-down, returning what the ioctl did.
     pub fn move_down_report(&self, spec: &SessionSpec) -> Result<MoveDownReport> {
-        let upper = Self::upper(spec);
-        let (merged, readable) = self.places(spec);
+        let session = self.session(spec);
+        let upper = session.upper();
+        let (merged, readable) = session.places();
         let mut report = MoveDownReport::default();
         if !self.cfg.offline && upper.is_dir() && self.sys.is_mounted(&merged, Some("aufs")) {
             report = self.move_down_online(&upper, &merged, &readable)?;
@@ -307,7 +250,7 @@ impl AufsBackend {
             }
         }
         // The rest is folded from userspace, after unmounting.
-        self.unmount_all(spec)?;
+        session.unmount_all()?;
         if upper.exists() {
             fold(
                 &upper,
@@ -318,7 +261,7 @@ impl AufsBackend {
                 },
             )?;
         }
-        Self::remove_session_files(spec)?;
+        session.remove_files(&[], &["xino"])?;
         Ok(report)
     }
 }
@@ -367,49 +310,18 @@ impl LayerBackend for AufsBackend {
     }
 
     fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        let upper = Self::upper(spec);
-        let (lower, merged) = (spec.dir.join("lower"), spec.dir.join("merged"));
+        let session = self.session(spec);
         let in_place = self.cfg.in_place;
-        for d in [&upper, if in_place { &lower } else { &merged }] {
-            fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
-        }
+        session.create_dirs(in_place, &[])?;
         let result = (|| -> Result<PathBuf> {
-            Self::check_base(spec, &upper)?;
-            fs::write(
-                spec.dir.join("mode"),
-                if in_place { "in-place\n" } else { "merged\n" },
-            )
-            .map_err(|e| Error::io(&spec.dir, "cannot write session mode", e))?;
+            Self::check_base(&session)?;
+            session.write_mode(in_place, &[])?;
             let (branch, target) = if in_place {
-                self.sys
-                    .mount(
-                        Some(&spec.base),
-                        &lower,
-                        None,
-                        MountFlags {
-                            bind: true,
-                            ..MountFlags::default()
-                        },
-                        None,
-                    )
-                    .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e))?;
-                self.sys
-                    .mount(
-                        None,
-                        &lower,
-                        None,
-                        MountFlags {
-                            private: true,
-                            ..MountFlags::default()
-                        },
-                        None,
-                    )
-                    .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e))?;
-                (lower.clone(), spec.base.clone())
+                (session.bind_root()?, spec.base.clone())
             } else {
-                (spec.base.clone(), merged.clone())
+                (spec.base.clone(), session.merged_dir())
             };
-            let opts = Self::mount_options(&upper, &branch, &spec.dir.join("xino"))?;
+            let opts = Self::mount_options(&session.upper(), &branch, &spec.dir.join("xino"))?;
             self.sys
                 .mount(
                     Some(Path::new("none")),
@@ -422,20 +334,18 @@ impl LayerBackend for AufsBackend {
             Ok(target)
         })();
         if result.is_err() {
-            let _ = self.unmount(&spec.base, Some("aufs"));
-            let _ = self.unmount(&lower, None);
-            let _ = Self::remove_session_files(spec);
+            session.undo_begin(&[], &["xino"]);
         }
         result
     }
 
     fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(self.places(spec).0)
+        Ok(self.session(spec).places().0)
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
-        let (_, base) = self.places(spec);
-        read_upper(&Self::upper(spec), &base, WhiteoutFormat::Aufs)
+        let session = self.session(spec);
+        read_upper(&session.upper(), &session.places().1, WhiteoutFormat::Aufs)
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
@@ -443,8 +353,9 @@ impl LayerBackend for AufsBackend {
     }
 
     fn discard(&self, spec: &SessionSpec) -> Result<()> {
-        self.unmount_all(spec)?;
-        Self::remove_session_files(spec)
+        let session = self.session(spec);
+        session.unmount_all()?;
+        session.remove_files(&[], &["xino"])
     }
 
     fn release(&self, spec: &SessionSpec) -> Result<()> {
@@ -452,22 +363,7 @@ impl LayerBackend for AufsBackend {
     }
 
     fn health(&self, spec: &SessionSpec) -> Health {
-        let upper = Self::upper(spec);
-        let (merged, _) = self.places(spec);
-        if !upper.is_dir() {
-            return Health::Stale(format!(
-                "upper branch {} is missing; run `layerpack abort {}`",
-                upper.display(),
-                spec.package
-            ));
-        }
-        if !self.sys.is_mounted(&merged, Some("aufs")) {
-            return Health::Stale(format!(
-                "aufs is not mounted (reboot?); `layerpack final {}` still folds the upper branch, `layerpack abort {}` drops it",
-                spec.package, spec.package
-            ));
-        }
-        Health::Ok
+        self.session(spec).health()
     }
 }
 

@@ -266,26 +266,8 @@ fn in_place_session_binds_the_root_and_mounts_on_it() {
     assert_eq!(
         calls[..2],
         [
-            Call::Mount {
-                source: Some(fx.spec.base.clone()),
-                target: lower.clone(),
-                fstype: None,
-                flags: MountFlags {
-                    bind: true,
-                    private: false
-                },
-                data: None
-            },
-            Call::Mount {
-                source: None,
-                target: lower.clone(),
-                fstype: None,
-                flags: MountFlags {
-                    bind: false,
-                    private: true
-                },
-                data: None
-            },
+            Call::bind(&fx.spec.base, &lower),
+            Call::make_private(&lower),
         ]
     );
     match &calls[2] {

@@ -13,7 +13,6 @@
 //! [`layerpack_core::sys::Sys`], so tests can record them. See `docs.md`.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use layerpack_core::backend::{
@@ -25,6 +24,7 @@ use layerpack_core::registry::{Origin, Registry};
 use layerpack_core::sys::{MountFlags, RealSys, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
+use layerpack_core::union::UnionSession;
 use layerpack_core::{Error, ErrorKind, Result};
 use nix::mount::{mount, MsFlags};
 use serde::Deserialize;
@@ -111,47 +111,21 @@ impl OverlayBackend {
         self
     }
 
-    /// How the session's upper layer marks whiteouts and opaque
-    /// directories (recorded at `begin`).
-    fn format(spec: &SessionSpec) -> WhiteoutFormat {
-        let userxattr = fs::read_to_string(spec.dir.join("mode"))
-            .is_ok_and(|m| m.lines().any(|l| l.trim() == "userxattr"));
-        WhiteoutFormat::Overlay { userxattr }
-    }
-
-    fn dirs(spec: &SessionSpec) -> (PathBuf, PathBuf, PathBuf) {
-        (
-            spec.dir.join("upper"),
-            spec.dir.join("work"),
-            spec.dir.join("merged"),
-        )
-    }
-
-    /// The session's mode, fixed at `begin` (a later config cannot change
-    /// how an open session was mounted).
-    fn session_in_place(spec: &SessionSpec) -> bool {
-        fs::read_to_string(spec.dir.join("mode"))
-            .is_ok_and(|m| m.lines().next().is_some_and(|l| l.trim() == "in-place"))
-    }
-
-    /// Where the install writes, and where the untouched base can be read.
-    fn places(&self, spec: &SessionSpec) -> (PathBuf, PathBuf) {
-        if Self::session_in_place(spec) {
-            let lower = spec.dir.join("lower");
-            let readable = if self.is_mounted(&lower, None) {
-                lower
-            } else {
-                spec.base.clone()
-            };
-            (spec.base.clone(), readable)
-        } else {
-            (Self::dirs(spec).2, spec.base.clone())
+    /// The session's mounts and files.
+    fn session<'a>(&'a self, spec: &'a SessionSpec) -> UnionSession<'a> {
+        UnionSession {
+            sys: &*self.sys,
+            spec,
+            fstype: "overlay",
         }
     }
 
-    /// True if something (of `fstype`, if given) is mounted at `at`.
-    fn is_mounted(&self, at: &Path, fstype: Option<&str>) -> bool {
-        self.sys.is_mounted(at, fstype)
+    /// How the session's upper layer marks whiteouts and opaque
+    /// directories (recorded at `begin`).
+    fn format(&self, spec: &SessionSpec) -> WhiteoutFormat {
+        WhiteoutFormat::Overlay {
+            userxattr: self.session(spec).has_flag("userxattr"),
+        }
     }
 
     /// Options the running kernel's overlay knows, from its module
@@ -195,36 +169,6 @@ impl OverlayBackend {
             }
         }
         Ok(o)
-    }
-
-    fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
-        if self.is_mounted(at, fstype) {
-            self.sys
-                .umount(at)
-                .map_err(|e| Error::io(at, "cannot unmount (is a process still using it?)", e))?;
-        }
-        Ok(())
-    }
-
-    /// Unmount everything the session mounted.
-    fn unmount_all(&self, spec: &SessionSpec) -> Result<()> {
-        if Self::session_in_place(spec) {
-            self.unmount(&spec.base, Some("overlay"))?;
-            self.unmount(&spec.dir.join("lower"), None)
-        } else {
-            self.unmount(&Self::dirs(spec).2, Some("overlay"))
-        }
-    }
-
-    fn remove_session_dirs(spec: &SessionSpec) -> Result<()> {
-        let (upper, work, merged) = Self::dirs(spec);
-        for d in [upper, work, merged, spec.dir.join("lower")] {
-            if d.exists() {
-                fs::remove_dir_all(&d).map_err(|e| Error::io(&d, "cannot remove", e))?;
-            }
-        }
-        let _ = fs::remove_file(spec.dir.join("mode"));
-        Ok(())
     }
 }
 
@@ -284,19 +228,10 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        let (upper, work, merged) = Self::dirs(spec);
-        let lower = spec.dir.join("lower");
+        let session = self.session(spec);
+        let (upper, work) = (session.upper(), spec.dir.join("work"));
         let in_place = self.cfg.in_place;
-        let mut made = vec![&upper, &work];
-        made.push(if in_place { &lower } else { &merged });
-        for d in &made {
-            fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
-        }
-        let undo = |this: &Self| {
-            let _ = this.unmount(&spec.base, Some("overlay"));
-            let _ = this.unmount(&lower, None);
-            let _ = Self::remove_session_dirs(spec);
-        };
+        session.create_dirs(in_place, &["work"])?;
         let result = (|| -> Result<PathBuf> {
             const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
             let fs_type = nix::sys::statfs::statfs(&spec.base)
@@ -329,53 +264,17 @@ impl LayerBackend for OverlayBackend {
                 .with_kind(ErrorKind::Unsupported));
             }
             let _ = xattr::remove(&upper, probe_name);
-            let dev = |p: &Path| {
-                fs::metadata(p)
-                    .map(|m| m.dev())
-                    .map_err(|e| Error::io(p, "cannot stat", e))
-            };
-            if dev(&spec.base)? != dev(&upper)? {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
-                        spec.base.display()
-                    ),
-                ));
-            }
-            fs::write(
-                spec.dir.join("mode"),
-                format!(
-                    "{}\n{}",
-                    if in_place { "in-place" } else { "merged" },
-                    if self.user_namespace {
-                        "userxattr\n"
-                    } else {
-                        ""
-                    }
-                ),
-            )
-            .map_err(|e| Error::io(&spec.dir, "cannot write session mode", e))?;
-            let (lowerdir, target) = if in_place {
-                // A private bind of the root keeps it reachable (from any
-                // later process) once the overlay covers it.
-                let bind = MountFlags {
-                    bind: true,
-                    ..MountFlags::default()
-                };
-                let private = MountFlags {
-                    private: true,
-                    ..MountFlags::default()
-                };
-                self.sys
-                    .mount(Some(&spec.base), &lower, None, bind, None)
-                    .map_err(|e| Error::io(&lower, "cannot bind-mount the root", e))?;
-                self.sys
-                    .mount(None, &lower, None, private, None)
-                    .map_err(|e| Error::io(&lower, "cannot make the bind mount private", e))?;
-                (lower.clone(), spec.base.clone())
+            session.check_same_filesystem()?;
+            let flags: &[&str] = if self.user_namespace {
+                &["userxattr"]
             } else {
-                (spec.base.clone(), merged.clone())
+                &[]
+            };
+            session.write_mode(in_place, flags)?;
+            let (lowerdir, target) = if in_place {
+                (session.bind_root()?, spec.base.clone())
+            } else {
+                (spec.base.clone(), session.merged_dir())
             };
             let opts = self.mount_options(&lowerdir, &upper, &work)?;
             self.sys
@@ -390,41 +289,42 @@ impl LayerBackend for OverlayBackend {
             Ok(target)
         })();
         if result.is_err() {
-            undo(self);
+            session.undo_begin(&["work"], &[]);
         }
         result
     }
 
     fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(self.places(spec).0)
+        Ok(self.session(spec).places().0)
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
-        let (upper, _, _) = Self::dirs(spec);
-        let (_, base) = self.places(spec);
-        read_upper(&upper, &base, Self::format(spec))
+        let session = self.session(spec);
+        read_upper(&session.upper(), &session.places().1, self.format(spec))
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
-        let (upper, _, _) = Self::dirs(spec);
+        let session = self.session(spec);
+        let upper = session.upper();
         // Unmount first: the fold writes into the base itself.
-        self.unmount_all(spec)?;
+        session.unmount_all()?;
         if upper.exists() {
             fold(
                 &upper,
                 &spec.base,
-                Self::format(spec),
+                self.format(spec),
                 FoldOptions {
                     fail_after: self.cfg.fold_fail_after,
                 },
             )?;
         }
-        Self::remove_session_dirs(spec)
+        session.remove_files(&["work"], &[])
     }
 
     fn discard(&self, spec: &SessionSpec) -> Result<()> {
-        self.unmount_all(spec)?;
-        Self::remove_session_dirs(spec)
+        let session = self.session(spec);
+        session.unmount_all()?;
+        session.remove_files(&["work"], &[])
     }
 
     fn release(&self, spec: &SessionSpec) -> Result<()> {
@@ -432,22 +332,7 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn health(&self, spec: &SessionSpec) -> Health {
-        let (upper, _, _) = Self::dirs(spec);
-        let (merged, _) = self.places(spec);
-        if !upper.is_dir() {
-            return Health::Stale(format!(
-                "upper layer {} is missing; run `layerpack abort {}`",
-                upper.display(),
-                spec.package
-            ));
-        }
-        if !self.is_mounted(&merged, Some("overlay")) {
-            return Health::Stale(format!(
-                "overlay is not mounted (reboot?); `layerpack final {}` still folds the upper layer, `layerpack abort {}` drops it",
-                spec.package, spec.package
-            ));
-        }
-        Health::Ok
+        self.session(spec).health()
     }
 }
 
@@ -535,26 +420,8 @@ mod tests {
         assert_eq!(
             fake.calls(),
             vec![
-                Call::Mount {
-                    source: Some(spec.base.clone()),
-                    target: lower.clone(),
-                    fstype: None,
-                    flags: MountFlags {
-                        bind: true,
-                        private: false
-                    },
-                    data: None
-                },
-                Call::Mount {
-                    source: None,
-                    target: lower.clone(),
-                    fstype: None,
-                    flags: MountFlags {
-                        bind: false,
-                        private: true
-                    },
-                    data: None
-                },
+                Call::bind(&spec.base, &lower),
+                Call::make_private(&lower),
                 Call::Mount {
                     source: Some(PathBuf::from("overlay")),
                     target: spec.base.clone(),

@@ -23,6 +23,7 @@ pub mod session;
 pub mod sys;
 pub mod testkit;
 pub mod tree;
+pub mod union;
 
 pub use error::{Error, ErrorKind, Result};
 /// The TOML crate, for backends that build configs.

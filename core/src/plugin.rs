@@ -522,37 +522,27 @@ pub unsafe extern "C" fn p_probe<T: PluginBackend>(
     })
 }
 
-#[doc(hidden)]
-pub unsafe extern "C" fn p_begin<T: PluginBackend>(
-    h: Handle,
-    spec: *const FfiSpec,
-    sink: Sink,
-    ctx: *mut c_void,
-    err: *mut FfiError,
-) -> i32 {
-    guard(err, T::NAME, "begin", || {
-        let spec = unsafe { spec_in(spec) }?;
-        let merged = unsafe { backend::<T>(h) }.begin(&spec)?;
-        send(sink, ctx, merged.as_os_str().as_bytes());
-        Ok(())
-    })
+macro_rules! plugin_path_call {
+    ($fn:ident, $method:ident) => {
+        #[doc(hidden)]
+        pub unsafe extern "C" fn $fn<T: PluginBackend>(
+            h: Handle,
+            spec: *const FfiSpec,
+            sink: Sink,
+            ctx: *mut c_void,
+            err: *mut FfiError,
+        ) -> i32 {
+            guard(err, T::NAME, stringify!($method), || {
+                let spec = unsafe { spec_in(spec) }?;
+                let path = unsafe { backend::<T>(h) }.$method(&spec)?;
+                send(sink, ctx, path.as_os_str().as_bytes());
+                Ok(())
+            })
+        }
+    };
 }
-
-#[doc(hidden)]
-pub unsafe extern "C" fn p_merged_path<T: PluginBackend>(
-    h: Handle,
-    spec: *const FfiSpec,
-    sink: Sink,
-    ctx: *mut c_void,
-    err: *mut FfiError,
-) -> i32 {
-    guard(err, T::NAME, "merged_path", || {
-        let spec = unsafe { spec_in(spec) }?;
-        let merged = unsafe { backend::<T>(h) }.merged_path(&spec)?;
-        send(sink, ctx, merged.as_os_str().as_bytes());
-        Ok(())
-    })
-}
+plugin_path_call!(p_begin, begin);
+plugin_path_call!(p_merged_path, merged_path);
 
 #[doc(hidden)]
 pub unsafe extern "C" fn p_changes<T: PluginBackend>(
@@ -1090,6 +1080,20 @@ impl DynBackend {
         Ok(path_of(&out))
     }
 
+    /// Call a function that answers yes (1) or no with a reason sent to
+    /// the byte sink: `None` for yes, the reason for no.
+    fn yes_or_why(
+        &self,
+        f: impl FnOnce(*mut u32, *mut c_void, *mut FfiError) -> i32,
+    ) -> Result<Option<String>> {
+        let mut yes = 0u32;
+        let mut why: Vec<u8> = Vec::new();
+        call(self.lib, |err| {
+            f(&mut yes, &mut why as *mut Vec<u8> as *mut c_void, err)
+        })?;
+        Ok((yes != 1).then(|| String::from_utf8_lossy(&why).into_owned()))
+    }
+
     fn spec_call(
         &self,
         spec: &SessionSpec,
@@ -1140,21 +1144,13 @@ impl LayerBackend for DynBackend {
     }
 
     fn probe(&self) -> Probe {
-        let mut available = 0u32;
-        let mut reason: Vec<u8> = Vec::new();
-        let r = call(self.lib, |err| unsafe {
-            (self.lib.table.probe)(
-                self.handle,
-                &mut available,
-                collect_bytes,
-                &mut reason as *mut Vec<u8> as *mut c_void,
-                err,
-            )
+        let answer = self.yes_or_why(|yes, ctx, err| unsafe {
+            (self.lib.table.probe)(self.handle, yes, collect_bytes, ctx, err)
         });
-        match r {
+        match answer {
+            Ok(None) => Probe::Available,
+            Ok(Some(why)) => Probe::Unavailable(why),
             Err(e) => Probe::Unavailable(e.to_string()),
-            Ok(()) if available == 1 => Probe::Available,
-            Ok(()) => Probe::Unavailable(String::from_utf8_lossy(&reason).into_owned()),
         }
     }
 
@@ -1205,22 +1201,13 @@ impl LayerBackend for DynBackend {
     fn health(&self, spec: &SessionSpec) -> Health {
         let buf = SpecBuf::new(spec);
         let fs = buf.ffi();
-        let mut ok = 0u32;
-        let mut why: Vec<u8> = Vec::new();
-        let r = call(self.lib, |err| unsafe {
-            (self.lib.table.health)(
-                self.handle,
-                &fs,
-                &mut ok,
-                collect_bytes,
-                &mut why as *mut Vec<u8> as *mut c_void,
-                err,
-            )
+        let answer = self.yes_or_why(|yes, ctx, err| unsafe {
+            (self.lib.table.health)(self.handle, &fs, yes, collect_bytes, ctx, err)
         });
-        match r {
+        match answer {
+            Ok(None) => Health::Ok,
+            Ok(Some(why)) => Health::Stale(why),
             Err(e) => Health::Stale(e.to_string()),
-            Ok(()) if ok == 1 => Health::Ok,
-            Ok(()) => Health::Stale(String::from_utf8_lossy(&why).into_owned()),
         }
     }
 }

@@ -48,6 +48,36 @@ pub enum Call {
     },
 }
 
+impl Call {
+    /// The `mount --bind source target` call.
+    pub fn bind(source: &Path, target: &Path) -> Call {
+        Call::Mount {
+            source: Some(source.to_path_buf()),
+            target: target.to_path_buf(),
+            fstype: None,
+            flags: MountFlags {
+                bind: true,
+                private: false,
+            },
+            data: None,
+        }
+    }
+
+    /// The `mount --make-private target` call.
+    pub fn make_private(target: &Path) -> Call {
+        Call::Mount {
+            source: None,
+            target: target.to_path_buf(),
+            fstype: None,
+            flags: MountFlags {
+                bind: false,
+                private: true,
+            },
+            data: None,
+        }
+    }
+}
+
 /// Answers a faked `ioctl`: may change the argument buffer (and the file
 /// tree, to play the kernel's part) and decide the result.
 pub type IoctlResponder = Box<dyn Fn(&Path, u64, &mut [u8]) -> io::Result<()> + Send + Sync>;

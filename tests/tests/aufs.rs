@@ -22,21 +22,9 @@ use layerpack_core::scenarios::{self, backdate, compare_trees};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
 use layerpack_core::tree::{ScanOptions, TreeScan};
-use layerpack_tests::required_backends;
 
 fn available() -> bool {
-    let b = OverlayBackend::new(OverlayConfig::default(), Path::new("/"));
-    match b.probe().reason() {
-        None => true,
-        Some(why) => {
-            assert!(
-                !required_backends().iter().any(|r| r == "overlayfs"),
-                "LAYERPACK_REQUIRE includes overlayfs, but: {why}"
-            );
-            eprintln!("skipped: needs a kernel overlay mount to write real branches: {why}");
-            false
-        }
-    }
+    layerpack_tests::overlayfs_available("writing real branches")
 }
 
 /// Rewrite an overlayfs upper layer (unmounted) into aufs's format.

@@ -14,21 +14,10 @@ use layerpack_backend_overlayfs::{OverlayBackend, OverlayConfig};
 use layerpack_core::backend::{ChangeOptions, LayerBackend, SessionSpec};
 use layerpack_core::config::BackendConfig;
 use layerpack_core::scenarios::{self, backdate, compare_trees};
-use layerpack_tests::{builtin_registry, required_backends};
+use layerpack_tests::builtin_registry;
 
 fn available() -> bool {
-    let b = OverlayBackend::new(OverlayConfig::default(), Path::new("/"));
-    match b.probe().reason() {
-        None => true,
-        Some(why) => {
-            assert!(
-                !required_backends().iter().any(|r| r == "overlayfs"),
-                "LAYERPACK_REQUIRE includes overlayfs, but: {why}"
-            );
-            eprintln!("skipped: overlayfs unavailable: {why}");
-            false
-        }
-    }
+    layerpack_tests::overlayfs_available("this test")
 }
 
 fn scratch(name: &str) -> PathBuf {
