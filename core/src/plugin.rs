@@ -326,11 +326,19 @@ pub fn file_kind_code(k: FileKind) -> u32 {
 /// Capabilities as bits: 1 can_discard, 2 needs_root, 4 online_move_down,
 /// 8 rootless, 16 in_place, 32 records_ownership, 64 reserves_wh_names.
 pub fn caps_to_bits(c: &Capabilities) -> u64 {
-    c.list()
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, v))| *v)
-        .fold(0, |acc, (i, _)| acc | (1 << i))
+    [
+        c.can_discard,
+        c.needs_root,
+        c.online_move_down,
+        c.rootless,
+        c.in_place,
+        c.records_ownership,
+        c.reserves_wh_names,
+    ]
+    .iter()
+    .enumerate()
+    .filter(|(_, on)| **on)
+    .fold(0, |acc, (i, _)| acc | (1 << i))
 }
 
 /// The inverse of [`caps_to_bits`]; unknown bits are ignored.
