@@ -314,3 +314,56 @@ fn a_bad_plugin_in_the_config_is_a_clear_error() {
     let err = text(&o.stderr);
     assert!(err.contains("line 3") && err.contains("where"), "{err}");
 }
+
+/// Every field of every change survives the ABI: for each scenario, the
+/// snapshot backend linked in and the same backend loaded as a plugin read
+/// the same open session, and their change sets must be equal (paths as
+/// bytes, kinds, metadata, xattrs, device numbers, link targets, hashes,
+/// hard-link groups).
+#[test]
+fn change_sets_cross_the_abi_unchanged() {
+    use layerpack_core::config::BackendConfig;
+    use layerpack_core::scenarios;
+    let so = build_plugin("layerpack-backend-snapshot", &["plugin"]);
+    let mut plugin_registry = Registry::new();
+    register_plugin(&mut plugin_registry, &so).unwrap();
+    let via_abi = plugin_registry
+        .create("snapshot", &BackendConfig::empty("snapshot"))
+        .unwrap();
+    let linked = builtin_registry()
+        .create("snapshot", &BackendConfig::empty("snapshot"))
+        .unwrap();
+    let d = scratch("fidelity");
+    let (mut compared, mut changes) = (0, 0);
+    for sc in scenarios::all() {
+        if sc.skip_reason(&linked.capabilities(), &d).is_some() {
+            continue;
+        }
+        let w = d.join(sc.test_name());
+        let (base, session) = (w.join("base"), w.join("session"));
+        fs::create_dir_all(&base).unwrap();
+        fs::create_dir_all(&session).unwrap();
+        (sc.setup)(&base).unwrap();
+        scenarios::backdate(&base).unwrap();
+        let spec = SessionSpec {
+            package: "p".into(),
+            base: fs::canonicalize(&base).unwrap(),
+            dir: session,
+        };
+        let merged = via_abi.begin(&spec).unwrap();
+        assert_eq!(merged, linked.merged_path(&spec).unwrap());
+        (sc.act)(&merged).unwrap();
+        for hash_all in [false, true] {
+            let opts = layerpack_core::backend::ChangeOptions { hash_all };
+            let a = linked.changes(&spec, &opts).unwrap();
+            let b = via_abi.changes(&spec, &opts).unwrap();
+            assert_eq!(a, b, "{}", sc.test_name());
+            changes += a.len();
+        }
+        via_abi.move_down(&spec).unwrap();
+        compared += 1;
+    }
+    assert!(compared >= 20, "only {compared} scenarios compared");
+    assert!(changes > 100, "only {changes} changes compared");
+    fs::remove_dir_all(&d).unwrap();
+}
