@@ -314,3 +314,33 @@ fn a_failed_mount_undoes_everything() {
     assert!(err.to_string().contains("cannot mount aufs"), "{err}");
     assert_eq!(fs::read_dir(&fx.spec.dir).unwrap().count(), 0);
 }
+
+#[test]
+fn a_move_down_killed_at_any_fold_step_is_finished_by_a_rerun() {
+    for n in 0.. {
+        let fx = setup(&format!("kill{n}"));
+        let fake = Arc::new(FakeSys::new());
+        let failing = AufsConfig {
+            fold_fail_after: Some(n),
+            ..AufsConfig::default()
+        };
+        let b = backend(&fx, failing, &fake);
+        let merged = b.begin(&fx.spec).unwrap();
+        let reference = install(&fx);
+        fake.on_ioctl(kernel(
+            merged,
+            fx.spec.dir.join("upper"),
+            fx.spec.base.clone(),
+        ));
+        let first = b.move_down(&fx.spec);
+        backend(&fx, AufsConfig::default(), &fake)
+            .move_down(&fx.spec)
+            .unwrap();
+        compare_trees(&reference, &fx.spec.base).unwrap();
+        assert_eq!(fs::read_dir(&fx.spec.dir).unwrap().count(), 0);
+        if first.is_ok() {
+            assert!(n > 10, "only {n} fold steps");
+            break;
+        }
+    }
+}
