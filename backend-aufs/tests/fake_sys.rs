@@ -97,7 +97,7 @@ fn ioctl_paths(calls: &[Call]) -> Vec<PathBuf> {
         .iter()
         .filter_map(|c| match c {
             Call::Ioctl { path, request, arg } => {
-                assert_eq!(*request, 0xC060_4104);
+                assert_eq!(*request, mvdown::AUFS_CTL_MVDOWN);
                 assert_eq!(arg.as_slice(), mvdown::encode().as_slice());
                 Some(path.clone())
             }

@@ -182,7 +182,19 @@ impl Sys for RealSys {
             .open(path)?;
         // The request encodes the argument size; refuse a buffer that does
         // not match it, so the kernel never writes past `arg`.
-        let size = ((request >> 16) & 0x3fff) as usize;
+        let size_mask = if cfg!(any(
+            target_arch = "powerpc",
+            target_arch = "powerpc64",
+            target_arch = "mips",
+            target_arch = "mips64",
+            target_arch = "sparc",
+            target_arch = "sparc64"
+        )) {
+            0x1fff
+        } else {
+            0x3fff
+        };
+        let size = ((request >> 16) & size_mask) as usize;
         if size != arg.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
