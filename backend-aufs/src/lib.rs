@@ -190,34 +190,31 @@ impl AufsBackend {
                 ..ScanOptions::default()
             },
         )?;
+        // Opaque upper directories enclosing the current entry: the scan
+        // yields a directory before everything below it, so one check per
+        // directory and a prefix test per entry suffice.
+        let mut opaque: Vec<RelPath> = Vec::new();
         for r in scan {
             let r = r?;
+            while opaque.last().is_some_and(|d| !r.path.starts_with(d)) {
+                opaque.pop();
+            }
             let abs = r.path.under(upper);
+            if r.kind == FileKind::Dir && fmt.is_opaque(&abs) {
+                opaque.push(r.path.clone());
+            }
+            // Only new single-link regular files below no opaque directory.
             if r.kind != FileKind::File
                 || r.nlink != 1
+                || !opaque.is_empty()
                 || fmt.entry(&r, &abs) != UpperEntry::Content
             {
                 continue;
             }
-            // Only files the base lacks, below no opaque upper directory.
+            // Absent from the base (and no ancestor there is a non-directory).
             match fs::symlink_metadata(r.path.under(base)) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 _ => continue,
-            }
-            let mut opaque = false;
-            let mut dir = r.path.parent();
-            while let Some(d) = dir {
-                if d.is_root() {
-                    break;
-                }
-                if fmt.is_opaque(&d.under(upper)) {
-                    opaque = true;
-                    break;
-                }
-                dir = d.parent();
-            }
-            if opaque {
-                continue;
             }
             let target = r.path.under(merged);
             let mut arg = mvdown::encode();

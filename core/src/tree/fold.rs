@@ -134,7 +134,9 @@ impl Folder<'_> {
             .map_err(self.io(&udir, "cannot list upper directory"))?;
         // Whiteouts first: with aufs a whiteout names its sibling, which
         // must be gone from the base before anything is moved in.
-        names.sort_by_key(|n| (!n.starts_with(AUFS_WH_PREFIX), n.clone()));
+        names.sort_by(|a, b| {
+            (!a.starts_with(AUFS_WH_PREFIX), a).cmp(&(!b.starts_with(AUFS_WH_PREFIX), b))
+        });
         for name in names {
             let child = rel.join(&name);
             let (u, b) = (child.under(self.upper), child.under(self.base));
