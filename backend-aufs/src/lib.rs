@@ -147,19 +147,11 @@ impl AufsBackend {
     /// mounted.
     fn check_base(session: &UnionSession) -> Result<()> {
         let spec = session.spec;
-        let fs_type = nix::sys::statfs::statfs(&spec.base)
-            .map_err(|e| Error::io(&spec.base, "cannot statfs", e.into()))?
-            .filesystem_type()
-            .0 as i64;
-        if fs_type == AUFS_SUPER_MAGIC {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the root {} is itself on aufs; aufs cannot use an aufs directory as a branch here",
-                    spec.base.display()
-                ),
-            ));
-        }
+        session.refuse_root_on(
+            AUFS_SUPER_MAGIC,
+            "aufs",
+            "aufs cannot use an aufs directory as a branch here",
+        )?;
         session.check_same_filesystem()?;
         if let Some(p) = find_wh_name(&spec.base)? {
             return Err(Error::new(

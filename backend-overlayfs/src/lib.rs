@@ -234,19 +234,11 @@ impl LayerBackend for OverlayBackend {
         session.create_dirs(in_place, &["work"])?;
         let result = (|| -> Result<PathBuf> {
             const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
-            let fs_type = nix::sys::statfs::statfs(&spec.base)
-                .map_err(|e| Error::io(&spec.base, "cannot statfs", e.into()))?
-                .filesystem_type()
-                .0 as i64;
-            if fs_type == OVERLAYFS_SUPER_MAGIC {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "the root {} is itself on overlayfs; nested overlays cannot hold the upper layer's whiteouts. Use the snapshot backend here",
-                        spec.base.display()
-                    ),
-                ));
-            }
+            session.refuse_root_on(
+                OVERLAYFS_SUPER_MAGIC,
+                "overlayfs",
+                "nested overlays cannot hold the upper layer's whiteouts. Use the snapshot backend here",
+            )?;
             let probe_name = if self.user_namespace {
                 "user.overlay.layerpack-probe"
             } else {

@@ -158,6 +158,26 @@ impl BackendConfig {
         })
     }
 
+    /// Settings from the TOML text of a `[backends.<name>]` table's body
+    /// (how they cross the plugin boundary); errors name the section.
+    pub fn from_text(
+        name: &str,
+        text: &str,
+        origin: Option<(PathBuf, usize)>,
+    ) -> Result<BackendConfig> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("[backends.{name}]: {}", e.message()),
+            )
+        })?;
+        Ok(BackendConfig {
+            name: name.to_string(),
+            table,
+            origin,
+        })
+    }
+
     /// The same settings as TOML text (for plugins).
     pub fn to_text(&self) -> String {
         toml::to_string(&self.table).unwrap_or_default()

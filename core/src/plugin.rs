@@ -449,19 +449,12 @@ unsafe fn config_in(cfg: *const FfiConfig) -> Result<BackendConfig> {
     // SAFETY: the host passes a valid config whose slices live for the call.
     let c = unsafe { &*cfg };
     let text = |b: Bytes| String::from_utf8_lossy(unsafe { b.as_slice() }).into_owned();
-    let name = text(c.name);
-    let table: toml::Table = toml::from_str(&text(c.toml)).map_err(|e| {
-        Error::new(
-            ErrorKind::Config,
-            format!("[backends.{name}]: {}", e.message()),
-        )
-    })?;
     let origin_path = unsafe { c.origin_path.as_slice() };
-    Ok(BackendConfig {
-        name,
-        table,
-        origin: (!origin_path.is_empty()).then(|| (path_of(origin_path), c.origin_line as usize)),
-    })
+    BackendConfig::from_text(
+        &text(c.name),
+        &text(c.toml),
+        (!origin_path.is_empty()).then(|| (path_of(origin_path), c.origin_line as usize)),
+    )
 }
 
 unsafe fn backend<'a, T>(h: Handle) -> &'a T {

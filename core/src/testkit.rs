@@ -144,17 +144,7 @@ pub fn run_suite(
 pub fn load_plugin_backend(path: &Path, toml_text: &str) -> Result<Box<dyn LayerBackend>> {
     let mut registry = Registry::new();
     let lib = crate::plugin::register_plugin(&mut registry, path)?;
-    let table: toml::Table = toml::from_str(toml_text).map_err(|e| {
-        crate::Error::new(
-            crate::ErrorKind::Config,
-            format!("[backends.{}]: {}", lib.name, e.message()),
-        )
-    })?;
-    let cfg = BackendConfig {
-        name: lib.name.to_string(),
-        table,
-        origin: None,
-    };
+    let cfg = BackendConfig::from_text(lib.name, toml_text, None)?;
     registry.create(lib.name, &cfg)
 }
 

@@ -165,6 +165,23 @@ impl UnionSession<'_> {
         let _ = self.remove_files(extra_dirs, files);
     }
 
+    /// Refuse a root that is itself on the union filesystem (`statfs`
+    /// magic `magic`, called `fs_name` in the message, with `why`).
+    pub fn refuse_root_on(&self, magic: i64, fs_name: &str, why: &str) -> Result<()> {
+        let base = &self.spec.base;
+        let fs_type = nix::sys::statfs::statfs(base)
+            .map_err(|e| Error::io(base, "cannot statfs", e.into()))?
+            .filesystem_type()
+            .0 as i64;
+        if fs_type == magic {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("the root {} is itself on {fs_name}; {why}", base.display()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuse a state directory on another filesystem than the root: the
     /// fold is a series of renames.
     pub fn check_same_filesystem(&self) -> Result<()> {

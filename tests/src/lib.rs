@@ -35,24 +35,32 @@ pub fn layerpack_bin() -> std::path::PathBuf {
         if let Some(p) = std::env::var_os("LAYERPACK_BIN") {
             return PathBuf::from(p);
         }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>/layerpack
-        let profile_dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target directory");
-        let bin = profile_dir.join("layerpack");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "layerpack", "--bin", "layerpack"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p layerpack failed");
-        bin
+        cargo_in_profile(&["build", "--quiet", "-p", "layerpack", "--bin", "layerpack"]);
+        profile_dir().join("layerpack")
     })
     .clone()
+}
+
+/// The target directory of the profile the running test was built with
+/// (`target/<profile>/deps/<test>` → `target/<profile>`).
+fn profile_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target directory")
+        .to_path_buf()
+}
+
+/// Run `cargo ARGS` for the running test's profile; panic if it fails.
+fn cargo_in_profile(args: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(args);
+    if profile_dir().file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "cargo {} failed", args.join(" "));
 }
 
 /// Build `package` as a plugin (`cargo rustc --crate-type cdylib` with
@@ -63,28 +71,15 @@ pub fn build_plugin(package: &str, features: &[&str]) -> std::path::PathBuf {
     use std::sync::Mutex;
     static BUILD: Mutex<()> = Mutex::new(());
     let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory");
-    let mut name = package.to_string();
-    for f in features {
-        name.push('-');
-        name.push_str(f);
-    }
+    let profile_dir = profile_dir();
+    let name = [&[package], features].concat().join("-");
     let out = profile_dir.join("plugins").join(format!("{name}.so"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["rustc", "--quiet", "-p", package, "--crate-type", "cdylib"]);
+    let joined = features.join(",");
+    let mut args = vec!["rustc", "--quiet", "-p", package, "--crate-type", "cdylib"];
     if !features.is_empty() {
-        cmd.args(["--features", &features.join(",")]);
+        args.extend(["--features", &joined]);
     }
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("run cargo rustc");
-    assert!(status.success(), "building plugin {name} failed");
+    cargo_in_profile(&args);
     let built = profile_dir.join(format!("lib{}.so", package.replace('-', "_")));
     std::fs::create_dir_all(out.parent().expect("plugins directory")).expect("create plugins dir");
     // Copy to a new inode: the loader caches libraries by path, and a
