@@ -467,7 +467,7 @@ mod tests {
 
     fn rec(path: &[u8], kind: FileKind) -> Record {
         Record {
-            path: RelPath::from_bytes(path),
+            path: RelPath::from_normalized(path.to_vec()),
             kind,
             mode: 0o755,
             uid: 1000,

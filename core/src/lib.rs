@@ -10,6 +10,7 @@
 //! every backend must pass ([`scenarios`]).
 
 pub mod backend;
+pub mod beneath;
 pub mod config;
 mod error;
 pub mod jsonbytes;

@@ -23,22 +23,58 @@ impl RelPath {
         RelPath(Vec::new())
     }
 
-    /// Wrap bytes; leading and trailing `/` and empty components are dropped.
-    pub fn from_bytes(bytes: &[u8]) -> RelPath {
-        let mut out = Vec::with_capacity(bytes.len());
-        for comp in bytes.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+    /// Check a path that came from outside (an archive member, a deletion
+    /// list, a whiteout, a manifest, a device table) and make it a
+    /// `RelPath` that can only name something beneath the root.
+    ///
+    /// A leading `./` and a trailing `/` are accepted (tar writes them) and
+    /// doubled `/` are folded; refused are an absolute path, `.` or `..`
+    /// anywhere else, a NUL byte, and a path that names the root itself
+    /// ([`BadPath::Empty`], so callers can skip a tar's `./` entry).
+    pub fn parse(bytes: &[u8]) -> std::result::Result<RelPath, BadPath> {
+        if bytes.starts_with(b"/") {
+            return Err(BadPath::Absolute);
+        }
+        if bytes.contains(&0) {
+            return Err(BadPath::Nul);
+        }
+        let body = bytes.strip_prefix(b"./").unwrap_or(bytes);
+        let body = if body == b"." { &b""[..] } else { body };
+        let mut out = Vec::with_capacity(body.len());
+        for comp in body.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            match comp {
+                b"." => return Err(BadPath::Dot),
+                b".." => return Err(BadPath::DotDot),
+                _ => {}
+            }
             if !out.is_empty() {
                 out.push(b'/');
             }
             out.extend_from_slice(comp);
         }
-        RelPath(out)
+        if out.is_empty() {
+            return Err(BadPath::Empty);
+        }
+        Ok(RelPath(out))
+    }
+
+    /// [`RelPath::parse`] as a layerpack error naming the path and `what`
+    /// it came from.
+    pub fn parse_for(bytes: &[u8], what: &str) -> crate::Result<RelPath> {
+        RelPath::parse(bytes).map_err(|why| {
+            crate::Error::new(
+                crate::ErrorKind::InvalidInput,
+                format!("{what} '{}': {why}", escape_bytes(bytes)),
+            )
+        })
     }
 
     /// Wrap bytes that are already in normal form (no leading, trailing or
-    /// doubled `/`), e.g. read back from an index this program wrote.
+    /// doubled `/`, no `.` or `..` component), e.g. read back from an index
+    /// this program wrote or built with [`RelPath::join`] from names a
+    /// directory listing gave.
     pub fn from_normalized(bytes: Vec<u8>) -> RelPath {
-        debug_assert_eq!(RelPath::from_bytes(&bytes).0, bytes);
+        debug_assert!(bytes.is_empty() || RelPath::parse(&bytes).is_ok_and(|p| p.0 == bytes));
         RelPath(bytes)
     }
 
@@ -172,9 +208,42 @@ impl fmt::Display for RelPath {
     }
 }
 
+/// Why an outside path was refused by [`RelPath::parse`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadPath {
+    /// It names the root itself.
+    Empty,
+    /// It starts with `/`.
+    Absolute,
+    /// It has a `.` component after the start.
+    Dot,
+    /// It has a `..` component.
+    DotDot,
+    /// It contains a NUL byte.
+    Nul,
+}
+
+impl fmt::Display for BadPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BadPath::Empty => "names the root itself",
+            BadPath::Absolute => "is an absolute path",
+            BadPath::Dot => "has a '.' component",
+            BadPath::DotDot => "has a '..' component",
+            BadPath::Nul => "contains a NUL byte",
+        })
+    }
+}
+
+/// For literals in code and tests: panics on a path [`RelPath::parse`]
+/// refuses (other than the empty root).
 impl From<&str> for RelPath {
     fn from(s: &str) -> RelPath {
-        RelPath::from_bytes(s.as_bytes())
+        match RelPath::parse(s.as_bytes()) {
+            Ok(p) => p,
+            Err(BadPath::Empty) => RelPath::root(),
+            Err(e) => panic!("invalid path literal {s:?}: {e}"),
+        }
     }
 }
 
@@ -459,13 +528,32 @@ mod tests {
 
     #[test]
     fn relpath_parent_and_name() {
-        let p = RelPath::from_bytes(b"/usr//bin/x/");
+        let p = RelPath::parse(b"./usr//bin/x/").unwrap();
         assert_eq!(p.as_bytes(), b"usr/bin/x");
         assert_eq!(p.file_name(), b"x");
         assert_eq!(p.parent().unwrap().as_bytes(), b"usr/bin");
         assert!(p.starts_with(&RelPath::from("usr")));
         assert!(!RelPath::from("usrx").starts_with(&RelPath::from("usr")));
         assert_eq!(p.depth(), 3);
+    }
+
+    #[test]
+    fn outside_paths_that_could_escape_are_refused() {
+        for (bad, why) in [
+            (&b""[..], BadPath::Empty),
+            (b"./", BadPath::Empty),
+            (b".", BadPath::Empty),
+            (b"..", BadPath::DotDot),
+            (b"sub/..", BadPath::DotDot),
+            (b"x/../..", BadPath::DotDot),
+            (b"./a/./b", BadPath::Dot),
+            (b"/etc/passwd", BadPath::Absolute),
+            (b"a\0b", BadPath::Nul),
+        ] {
+            assert_eq!(RelPath::parse(bad), Err(why), "{:?}", escape_bytes(bad));
+        }
+        assert_eq!(RelPath::parse(b"a\xff\nb").unwrap().as_bytes(), b"a\xff\nb");
+        assert_eq!(RelPath::parse(b"..x/.y").unwrap().as_bytes(), b"..x/.y");
     }
 
     #[test]

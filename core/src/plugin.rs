@@ -923,18 +923,16 @@ struct ChangeCollector {
 fn change_in(c: &FfiChange) -> std::result::Result<Change, String> {
     // SAFETY (for every `as_slice` here): the plugin keeps what `c` points
     // to alive during the callback.
-    let path = unsafe { c.path.as_slice() };
-    if path.is_empty()
-        || path.starts_with(b"/")
-        || path
-            .split(|&b| b == b'/')
-            .any(|s| s.is_empty() || s == b"." || s == b"..")
-    {
-        return Err(format!(
-            "invalid path {:?} in the change set",
-            String::from_utf8_lossy(path)
-        ));
-    }
+    let raw = unsafe { c.path.as_slice() };
+    let path = match RelPath::parse(raw) {
+        Ok(p) if p.as_bytes() == raw => p,
+        _ => {
+            return Err(format!(
+                "invalid path {:?} in the change set",
+                String::from_utf8_lossy(raw)
+            ))
+        }
+    };
     let kind = match c.change {
         0 => ChangeKind::Added,
         1 => ChangeKind::Modified {
@@ -969,11 +967,7 @@ fn change_in(c: &FfiChange) -> std::result::Result<Change, String> {
             );
         }
     }
-    Ok(Change {
-        path: RelPath::from_bytes(path),
-        kind,
-        meta,
-    })
+    Ok(Change { path, kind, meta })
 }
 
 unsafe extern "C" fn collect_change(ctx: *mut c_void, c: *const FfiChange) -> i32 {

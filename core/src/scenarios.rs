@@ -606,9 +606,8 @@ pub fn all() -> Vec<Scenario> {
             },
             check: Some(|cs| {
                 for n in awkward_names() {
-                    let c = cs
-                        .get(&RelPath::from_bytes(&n))
-                        .ok_or_else(|| format!("{:?} missing", RelPath::from_bytes(&n)))?;
+                    let p = RelPath::parse(&n).map_err(|e| e.to_string())?;
+                    let c = cs.get(&p).ok_or_else(|| format!("{p:?} missing"))?;
                     if c.meta.sha256 != Some(sha(&n)) {
                         return Err(format!("{:?}: wrong content hash", c.path));
                     }
@@ -757,7 +756,7 @@ pub fn check_expectation(sc: &Scenario, cs: &ChangeSet) -> Result<(), String> {
     let mut problems = Vec::new();
     let expected: BTreeMap<RelPath, &str> = (sc.expect)()
         .into_iter()
-        .map(|(p, s)| (RelPath::from_bytes(&p), s))
+        .map(|(p, s)| (RelPath::from_normalized(p), s))
         .collect();
     for c in cs.changes() {
         match expected.get(&c.path) {

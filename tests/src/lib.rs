@@ -111,3 +111,108 @@ pub fn overlayfs_available(purpose: &str) -> bool {
         }
     }
 }
+
+pub use libtest_mimic::{Completion, Failed};
+
+/// What a test returns: passed, ignored with the reason, or failed.
+pub type Outcome = Result<Completion, Failed>;
+
+/// The test ran to the end.
+pub fn passed() -> Outcome {
+    Ok(Completion::Completed)
+}
+
+/// Something a test needs from the machine it runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Real root (uid 0).
+    Root,
+    /// A built-in backend that probes available.
+    Backend(&'static str),
+    /// A program on `PATH`.
+    Tool(&'static str),
+}
+
+impl Need {
+    /// The word of `LAYERPACK_REQUIRE` that makes this need mandatory.
+    pub fn requirement(&self) -> &'static str {
+        match self {
+            Need::Root => "root",
+            Need::Backend(b) => b,
+            Need::Tool(t) => t,
+        }
+    }
+
+    /// `Err(why)` when the machine lacks it.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Need::Root => {
+                if nix::unistd::geteuid().is_root() {
+                    Ok(())
+                } else {
+                    Err("needs real root".into())
+                }
+            }
+            Need::Backend(name) => {
+                let r = builtin_registry();
+                let b = r
+                    .create(name, &layerpack_core::config::BackendConfig::empty(name))
+                    .map_err(|e| format!("backend {name}: {e}"))?;
+                match b.probe().reason() {
+                    None => Ok(()),
+                    Some(why) => Err(format!("backend {name} unavailable: {why}")),
+                }
+            }
+            Need::Tool(t) => {
+                let found = std::env::var_os("PATH")
+                    .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()));
+                if found {
+                    Ok(())
+                } else {
+                    Err(format!("{t} is not installed"))
+                }
+            }
+        }
+    }
+}
+
+/// `Some(outcome)` to return at once when a need is not met: the test is
+/// ignored with the reason, or fails when `LAYERPACK_REQUIRE` names what
+/// is missing. `None` when everything is there.
+///
+/// ```ignore
+/// if let Some(skip) = missing(&[Need::Backend("overlayfs")]) { return skip; }
+/// ```
+pub fn missing(needs: &[Need]) -> Option<Outcome> {
+    let required = required_backends();
+    for n in needs {
+        if let Err(why) = n.check() {
+            if required.iter().any(|r| r == n.requirement()) {
+                return Some(Err(format!(
+                    "LAYERPACK_REQUIRE includes {}, but: {why}",
+                    n.requirement()
+                )
+                .into()));
+            }
+            return Some(Ok(Completion::ignored_with(why)));
+        }
+    }
+    None
+}
+
+/// `main` for a test file whose tests return [`Outcome`]: each named
+/// function becomes one trial, ignored at run time with its reason when
+/// it says so.
+#[macro_export]
+macro_rules! test_main {
+    ($($f:ident),* $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            let args = $crate::libtest_mimic::Arguments::from_args();
+            let trials = vec![$($crate::libtest_mimic::Trial::ignorable_test(stringify!($f), $f)),*];
+            $crate::libtest_mimic::run(&args, trials).exit_code()
+        }
+    };
+}
+
+#[doc(hidden)]
+pub use libtest_mimic;

@@ -92,7 +92,10 @@ pub fn parse(text: &str, name: &Path) -> Result<Vec<DevEntry>> {
         };
         let num = |what: &str, v: &str| field_num(&origin, what, v, 10);
         out.push(DevEntry {
-            path: RelPath::from_bytes(f[0].as_bytes()),
+            path: RelPath::parse_for(
+                f[0].trim_start_matches('/').as_bytes(),
+                &format!("{origin}: name"),
+            )?,
             kind,
             mode: field_num(&origin, "mode", f[2], 8)?,
             uid: num("uid", f[3])?,
@@ -205,7 +208,7 @@ pub fn apply_table(
                         let n = d.start + i;
                         let mut name = d.path.as_bytes().to_vec();
                         name.extend_from_slice(n.to_string().as_bytes());
-                        let p = RelPath::from_bytes(&name);
+                        let p = RelPath::from_normalized(name);
                         map.insert(p.clone(), node(p, kind, d, d.minor + i * d.inc));
                     }
                 }

@@ -858,10 +858,7 @@ mod tests {
 
     #[test]
     fn deletion_script_quotes_everything() {
-        let s = deletion_script(
-            "p",
-            &[RelPath::from_bytes(b"etc/it's\nodd"), RelPath::from("etc")],
-        );
+        let s = deletion_script("p", &[RelPath::from("etc/it's\nodd"), RelPath::from("etc")]);
         let s = String::from_utf8(s).unwrap();
         assert!(s.contains("p=\"$root\"/'etc/it'\\''s\nodd'"), "{s}");
     }
