@@ -452,6 +452,53 @@ fn a_file_that_is_no_package_is_refused() -> Outcome {
     passed()
 }
 
+fn ipk_with_control(control: &[u8]) -> Vec<u8> {
+    ar_archive(&[
+        ("debian-binary", b"2.0\n"),
+        (
+            "control.tar.gz",
+            &gzip(&tar_of(&[file(b"./control", control)])),
+        ),
+        ("data.tar.gz", &gzip(&tar_of(&[file(b"./ok", b"ok")]))),
+    ])
+}
+
+/// Finding 4: `index` copied control fields verbatim, so a package could
+/// put its own `Filename:`/`SHA256sum:` first, or start a second stanza.
+fn index_refuses_control_files_that_would_forge_the_feed() -> Outcome {
+    let s = Sandbox::new("index");
+    let good = b"Package: good\nVersion: 1\nArchitecture: all\nDescription: fine\n";
+    let forged: &[(&str, &[u8])] = &[
+        (
+            "fields",
+            b"Package: evil\nVersion: 1\nFilename: http://evil.example/x.ipk\nSHA256sum: 00\nArchitecture: all\n",
+        ),
+        (
+            "stanza",
+            b"Package: evil\nVersion: 1\nArchitecture: all\n\nPackage: injected\nFilename: x\n",
+        ),
+        ("blank-continuation", b"Package: evil\nVersion: 1\nDescription: a\n \n b\n"),
+        ("twice", b"Package: evil\nVersion: 1\nPackage: other\n"),
+    ];
+    for (tag, control) in forged {
+        let feed = s.pkgs.join(format!("feed-{tag}"));
+        fs::create_dir_all(&feed).unwrap();
+        fs::write(feed.join("good_1_all.ipk"), ipk_with_control(good)).unwrap();
+        fs::write(feed.join("evil_1_all.ipk"), ipk_with_control(control)).unwrap();
+        let e = layerpack_core::pack::feed::write_index(&feed).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{tag}: {e}");
+        assert!(e.to_string().contains("evil_1_all.ipk"), "{tag}: {e}");
+        assert!(!feed.join("Packages").exists(), "{tag}: Packages written");
+        let o = Command::new(layerpack_bin())
+            .args(["index", feed.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{tag}");
+    }
+    s.remove();
+    passed()
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
@@ -660,5 +707,6 @@ layerpack_tests::test_main!(
     a_member_shorter_than_its_header_leaves_nothing,
     apply_memory_does_not_grow_with_the_package,
     a_file_that_is_no_package_is_refused,
+    index_refuses_control_files_that_would_forge_the_feed,
     apply_never_touches_anything_outside_the_root,
 );

@@ -43,20 +43,59 @@ impl FeedEntry {
     }
 }
 
-/// Parse a control file into ordered fields.
-pub fn parse_control(text: &str) -> Vec<(String, String)> {
+/// Fields `layerpack index` writes itself from the package file: a control
+/// file that carries one would put a second, attacker-chosen value in the
+/// feed.
+pub const INDEX_FIELDS: &[&str] = &["Filename", "Size", "SHA256sum", "MD5Sum", "MD5sum", "SHA1"];
+
+/// Parse a control file into ordered fields, refusing what would change
+/// the meaning of a feed built from it: a blank (or whitespace-only) line,
+/// which starts a second stanza; a line that is neither `Name: value` nor
+/// a continuation; a field name outside `[A-Za-z0-9-]` or given twice; a
+/// field the index writes itself ([`INDEX_FIELDS`]); a NUL or CR byte.
+pub fn parse_control(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
-    for line in text.lines() {
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut() {
-                last.1.push('\n');
-                last.1.push_str(line);
-            }
-        } else if let Some((k, v)) = line.split_once(':') {
-            out.push((k.trim().to_string(), v.trim().to_string()));
-        }
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    if body.contains(['\0', '\r']) {
+        return Err("the control file contains a NUL or CR byte".into());
     }
-    out
+    for (i, line) in body.split('\n').enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            return Err(format!(
+                "line {n} is blank: a blank line starts a second stanza (write ' .' for an empty line of a description)"
+            ));
+        }
+        if line.starts_with([' ', '\t']) {
+            match out.last_mut() {
+                Some(last) => {
+                    last.1.push('\n');
+                    last.1.push_str(line);
+                }
+                None => return Err(format!("line {n} continues a field that does not exist")),
+            }
+            continue;
+        }
+        let Some((k, v)) = line.split_once(':') else {
+            return Err(format!("line {n} is not 'Field: value'"));
+        };
+        let ok_name = !k.is_empty()
+            && !k.starts_with('-')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok_name {
+            return Err(format!("line {n}: '{k}' is not a field name"));
+        }
+        if INDEX_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(k)) {
+            return Err(format!(
+                "line {n}: the field {k} is written by the feed index, not by a package"
+            ));
+        }
+        if out.iter().any(|(o, _)| o.eq_ignore_ascii_case(k)) {
+            return Err(format!("line {n}: the field {k} is given twice"));
+        }
+        out.push((k.to_string(), v.trim().to_string()));
+    }
+    Ok(out)
 }
 
 fn inner_file(tar_gz: &[u8], want: &str) -> Option<Vec<u8>> {
@@ -130,9 +169,27 @@ pub fn scan_feed(dir: &Path) -> Result<Vec<FeedEntry>> {
         let control = read_control(&bytes).ok_or_else(|| {
             Error::new(ErrorKind::InvalidInput, "not an ipk: no control file found").with_path(&abs)
         })?;
+        let fields = parse_control(&control).map_err(|why| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("the control file is not acceptable in a feed: {why}"),
+            )
+            .with_path(&abs)
+        })?;
+        let filename = rel
+            .to_str()
+            .filter(|n| !n.chars().any(|c| c.is_control() || c.is_whitespace()))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "a feed file name must be UTF-8 without spaces or control characters",
+                )
+                .with_path(&abs)
+            })?
+            .to_string();
         let entry = FeedEntry {
-            fields: parse_control(&control),
-            filename: rel.to_string_lossy().into_owned(),
+            fields,
+            filename,
             size: bytes.len() as u64,
             sha256: hex(&Sha256::digest(&bytes)),
             md5: hex(&Md5::digest(&bytes)),

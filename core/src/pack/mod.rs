@@ -259,6 +259,14 @@ impl PackageMeta {
                 single_line(f, v)?;
             }
         }
+        for c in &m.conffiles {
+            if !c.starts_with('/') || c.contains(['\n', '\r', '\0']) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("conffile {c:?} must be one absolute path on one line"),
+                ));
+            }
+        }
         if m.description.trim().is_empty() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -627,11 +635,17 @@ pub fn deletion_script(package: &str, deletions: &[RelPath]) -> Vec<u8> {
 }
 
 fn control_tar(meta: &PackageMeta, plan: &Plan, level: Option<u32>, mtime: i64) -> Result<Vec<u8>> {
-    let mut files: Vec<(&str, Vec<u8>, u32)> = vec![(
-        "./control",
-        meta.control(plan.installed_size()).into_bytes(),
-        0o644,
-    )];
+    let text = meta.control(plan.installed_size());
+    feed::parse_control(&text).map_err(|why| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "the control file of {} would not be valid: {why}",
+                meta.package
+            ),
+        )
+    })?;
+    let mut files: Vec<(&str, Vec<u8>, u32)> = vec![("./control", text.into_bytes(), 0o644)];
     if !meta.conffiles.is_empty() {
         let mut c = meta.conffiles.join("\n");
         c.push('\n');
