@@ -5,10 +5,11 @@
 //! session directory (`rw`) over the base (`ro`, so aufs never creates
 //! anything in it), with `udba=reval,noplink,xino=<session>/xino`, on a
 //! merged directory in the session or (with `in_place`) on the base
-//! itself. `changes` reads the upper branch by aufs's rules
-//! ([`WhiteoutFormat::Aufs`]). `move_down` first asks aufs to move every
-//! new regular file with one link down into the base through the mount
-//! (the ioctl, see [`mvdown`]), then unmounts and folds what the ioctl may
+//! itself. `freeze` unmounts it before `changes` reads the upper branch by
+//! aufs's rules ([`WhiteoutFormat::Aufs`]). `move_down` mounts aufs again,
+//! privately on the session's `merged/`, asks it to move every new regular
+//! file with one link down into the base through that mount (the ioctl,
+//! see [`mvdown`]), then unmounts and folds what the ioctl may
 //! not move (rewrites, symlinks, special files, hard links, whiteouts,
 //! opaque directories, directory metadata) with the shared fold, leaving an
 //! empty upper. `offline = true` skips the ioctl.
@@ -26,16 +27,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use layerpack_core::backend::{
-    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec, Unavailable,
 };
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::{ChangeSet, FileKind, RelPath};
 use layerpack_core::registry::{Origin, Registry};
-use layerpack_core::sys::{MountFlags, RealSys, Sys};
+use layerpack_core::sys::{RealSys, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, UpperEntry, WhiteoutFormat, AUFS_WH_PREFIX};
 use layerpack_core::tree::{ScanOptions, TreeScan};
-use layerpack_core::union::UnionSession;
+use layerpack_core::union::{UnionSession, UnionState};
 use layerpack_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
 
@@ -56,13 +57,12 @@ pub struct AufsConfig {
     /// Do not use the move-down ioctl: unmount, then fold everything from
     /// userspace.
     pub offline: bool,
-    /// Stop the fold after this many operations (crash testing only).
-    pub fold_fail_after: Option<usize>,
 }
 
 /// The aufs backend.
 pub struct AufsBackend {
     cfg: AufsConfig,
+    fold: FoldOptions,
     proc_root: PathBuf,
     sys: Arc<dyn Sys>,
 }
@@ -103,9 +103,16 @@ impl AufsBackend {
     pub fn new(cfg: AufsConfig, proc_root: &Path) -> AufsBackend {
         AufsBackend {
             cfg,
+            fold: FoldOptions::from_env(),
             proc_root: proc_root.to_path_buf(),
             sys: Arc::new(RealSys),
         }
+    }
+
+    /// Fold with `opts` (crash tests set a failpoint).
+    pub fn with_fold(mut self, opts: FoldOptions) -> AufsBackend {
+        self.fold = opts;
+        self
     }
 
     /// Make the privileged calls through `sys` (a recording fake in tests).
@@ -224,31 +231,35 @@ impl AufsBackend {
         Ok(report)
     }
 
-    /// Move-down, returning what the ioctl did.
+    /// Move-down, returning what the ioctl did. The session's own mount
+    /// is gone by now (`freeze`); for the ioctl, aufs is mounted again on
+    /// the session's private `merged/` with the base as its read-only
+    /// branch, where nothing else writes.
     pub fn move_down_report(&self, spec: &SessionSpec) -> Result<MoveDownReport> {
         let session = self.session(spec);
         let upper = session.upper();
-        let (merged, readable) = session.places();
+        session.unmount_all()?;
         let mut report = MoveDownReport::default();
-        if !self.cfg.offline && upper.is_dir() && self.sys.is_mounted(&merged, Some("aufs")) {
-            report = self.move_down_online(&upper, &merged, &readable)?;
+        let has_entries = fs::read_dir(&upper).is_ok_and(|mut d| d.next().is_some());
+        if !self.cfg.offline && has_entries {
+            let merged = session.merged_dir();
+            if !merged.is_dir() {
+                fs::create_dir(&merged).map_err(|e| Error::io(&merged, "cannot create", e))?;
+            }
+            let opts = Self::mount_options(&upper, &spec.base, &spec.dir.join("xino"))?;
+            session.mount_union("none", &merged, &opts)?;
+            let online = self.move_down_online(&upper, &merged, &spec.base);
+            let unmounted = session.unmount(&merged, Some("aufs"));
+            report = layerpack_core::ops::with_cleanup_result(online, unmounted)?;
             if let Some(why) = &report.stopped {
                 // Not an error (the fold does the rest), but a user on an
                 // aufs host wants to know the online step is not working.
                 eprintln!("layerpack: aufs move-down ioctl given up ({why}); folding the rest after unmounting");
             }
         }
-        // The rest is folded from userspace, after unmounting.
-        session.unmount_all()?;
+        // The rest is folded from userspace.
         if upper.exists() {
-            fold(
-                &upper,
-                &spec.base,
-                WhiteoutFormat::Aufs,
-                FoldOptions {
-                    fail_after: self.cfg.fold_fail_after,
-                },
-            )?;
+            fold(&upper, &spec.base, WhiteoutFormat::Aufs, self.fold)?;
         }
         session.remove_files(&[], &["xino"])?;
         Ok(report)
@@ -290,55 +301,71 @@ impl LayerBackend for AufsBackend {
             .lines()
             .any(|l| l.split_whitespace().last() == Some("aufs"))
         {
-            return Probe::Unavailable("aufs not in /proc/filesystems".into());
+            return Probe::Unavailable(Unavailable::NoFilesystem {
+                fs: "aufs".into(),
+                hint: String::new(),
+            });
         }
         if !nix::unistd::geteuid().is_root() {
-            return Probe::Unavailable("needs root (aufs mounts are privileged)".into());
+            return Probe::Unavailable(Unavailable::NeedsRoot {
+                hint: "aufs mounts are privileged".into(),
+            });
         }
         Probe::Available
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
         let session = self.session(spec);
         let in_place = self.cfg.in_place;
         session.create_dirs(in_place, &[])?;
-        let result = (|| -> Result<PathBuf> {
+        let result = (|| -> Result<Begun> {
             Self::check_base(&session)?;
-            session.write_mode(in_place, &[])?;
             let (branch, target) = if in_place {
                 (session.bind_root()?, spec.base.clone())
             } else {
                 (spec.base.clone(), session.merged_dir())
             };
-            let opts = Self::mount_options(&session.upper(), &branch, &spec.dir.join("xino"))?;
-            self.sys
-                .mount(
-                    Some(Path::new("none")),
-                    &target,
-                    Some("aufs"),
-                    MountFlags::default(),
-                    Some(opts.as_str()),
-                )
-                .map_err(|e| Error::io(&target, format!("cannot mount aufs ({opts})"), e))?;
-            Ok(target)
+            let options = Self::mount_options(&session.upper(), &branch, &spec.dir.join("xino"))?;
+            session.mount_union("none", &target, &options)?;
+            let state = UnionState {
+                in_place,
+                flags: Vec::new(),
+                options,
+            };
+            Ok(Begun {
+                merged: target,
+                state: state.encode()?,
+            })
         })();
-        if result.is_err() {
-            session.undo_begin(&[], &["xino"]);
+        if let Err(e) = result {
+            return Err(layerpack_core::ops::with_cleanup(
+                e,
+                session.undo_begin(&[], &["xino"]),
+            ));
         }
         result
     }
 
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(self.session(spec).places().0)
+    /// Unmount: the upper branch can no longer change.
+    fn freeze(&self, spec: &SessionSpec) -> Result<()> {
+        self.session(spec).unmount_all()
+    }
+
+    fn thaw(&self, spec: &SessionSpec) -> Result<()> {
+        self.session(spec).remount("none", true)
+    }
+
+    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+        self.session(spec).upper()
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
         let session = self.session(spec);
-        read_upper(&session.upper(), &session.places().1, WhiteoutFormat::Aufs)
+        read_upper(&session.upper(), &session.places()?.1, WhiteoutFormat::Aufs)
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
-        self.move_down_report(spec).map(drop)
+        self.move_down_report(spec).map(|_| ())
     }
 
     fn discard(&self, spec: &SessionSpec) -> Result<()> {

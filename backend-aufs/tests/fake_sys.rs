@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use layerpack_backend_aufs::{mvdown, AufsBackend, AufsConfig};
-use layerpack_core::backend::{Health, LayerBackend, SessionSpec};
+use layerpack_core::backend::{Health, LayerBackend, Probe, SessionSpec, Unavailable};
 use layerpack_core::model::RelPath;
 use layerpack_core::scenarios::{aufs_branch_fixture, compare_trees};
-use layerpack_core::sys::{Call, FakeSys, MountFlags};
+use layerpack_core::sys::{Call, FakeSys, MountFlags, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::WhiteoutFormat;
 
@@ -41,8 +41,16 @@ fn setup(tag: &str) -> Fx {
         package: "fake".into(),
         base: fs::canonicalize(root.join("base")).unwrap(),
         dir: fs::canonicalize(root.join("session")).unwrap(),
+        state: Default::default(),
     };
     Fx { root, spec }
+}
+
+/// `begin`, keeping the state it returns in the spec, as core does.
+fn begin(fx: &mut Fx, b: &AufsBackend) -> PathBuf {
+    let begun = b.begin(&fx.spec).unwrap();
+    fx.spec.state = begun.state;
+    begun.merged
 }
 
 fn backend(fx: &Fx, cfg: AufsConfig, fake: &Arc<FakeSys>) -> AufsBackend {
@@ -122,38 +130,47 @@ fn probe_reads_the_given_proc_filesystems() {
     let fx = setup("probe");
     fs::write(fx.root.join("proc/filesystems"), "nodev\tproc\n\text4\n").unwrap();
     let b = AufsBackend::new(AufsConfig::default(), &fx.root);
-    assert_eq!(b.probe().reason(), Some("aufs not in /proc/filesystems"));
+    assert!(matches!(
+        b.probe(),
+        Probe::Unavailable(Unavailable::NoFilesystem { ref fs, .. }) if fs == "aufs"
+    ));
+    assert_eq!(b.probe().reason().unwrap(), "aufs not in /proc/filesystems");
 }
 
 #[test]
 fn online_move_down_makes_exactly_these_calls_and_gives_the_merged_view() {
-    let fx = setup("seq");
+    let mut fx = setup("seq");
     let fake = Arc::new(FakeSys::new());
     let b = backend(&fx, AufsConfig::default(), &fake);
-    let merged = b.begin(&fx.spec).unwrap();
+    let merged = begin(&mut fx, &b);
     assert_eq!(merged, fx.spec.dir.join("merged"));
     assert_eq!(b.health(&fx.spec), Health::Ok);
     let reference = install(&fx);
     let upper = fx.spec.dir.join("upper");
     fake.on_ioctl(kernel(merged.clone(), upper.clone(), fx.spec.base.clone()));
+    // As `final` does: unmount before reading, then move down.
+    b.freeze(&fx.spec).unwrap();
+    assert!(matches!(b.health(&fx.spec), Health::MountLost(_)));
     let report = b.move_down_report(&fx.spec).unwrap();
 
     let calls = fake.calls();
-    assert_eq!(
-        calls[0],
-        Call::Mount {
-            source: Some(PathBuf::from("none")),
-            target: merged.clone(),
-            fstype: Some("aufs".into()),
-            flags: MountFlags::default(),
-            data: Some(format!(
-                "br={}=rw:{}=ro,udba=reval,noplink,xino={}",
-                upper.display(),
-                fx.spec.base.display(),
-                fx.spec.dir.join("xino").display()
-            )),
-        }
-    );
+    let mount = Call::Mount {
+        source: Some(PathBuf::from("none")),
+        target: merged.clone(),
+        fstype: Some("aufs".into()),
+        flags: MountFlags::default(),
+        data: Some(format!(
+            "br={}=rw:{}=ro,udba=reval,noplink,xino={}",
+            upper.display(),
+            fx.spec.base.display(),
+            fx.spec.dir.join("xino").display()
+        )),
+    };
+    let umount = Call::Umount {
+        target: merged.clone(),
+    };
+    // begin's mount, freeze's umount, then move-down's own private mount.
+    assert_eq!(calls[..3], [mount.clone(), umount.clone(), mount]);
     // Only new single-link regular files outside opaque directories go
     // through the ioctl: not the rewrite, the hard links, the symlink, the
     // fifo (never opened), whiteouts or aufs's own files.
@@ -161,13 +178,8 @@ fn online_move_down_makes_exactly_these_calls_and_gives_the_merged_view() {
         ioctl_paths(&calls),
         [merged.join("etc/new"), merged.join("usr/lib/new.so")]
     );
-    assert_eq!(
-        calls.last(),
-        Some(&Call::Umount {
-            target: merged.clone()
-        })
-    );
-    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_eq!(calls.last(), Some(&umount));
+    assert_eq!(calls.len(), 6, "{calls:?}");
     assert_eq!(
         report.moved_online,
         [RelPath::from("etc/new"), RelPath::from("usr/lib/new.so")]
@@ -175,6 +187,21 @@ fn online_move_down_makes_exactly_these_calls_and_gives_the_merged_view() {
     assert!(report.declined.is_empty() && report.stopped.is_none());
     compare_trees(&reference, &fx.spec.base).unwrap();
     assert_eq!(fs::read_dir(&fx.spec.dir).unwrap().count(), 0);
+}
+
+/// A busy mount fails the freeze, before anything is read or written, and
+/// the session stays mounted.
+#[test]
+fn a_busy_mount_fails_the_freeze_and_stays_mounted() {
+    let mut fx = setup("busy");
+    let fake = Arc::new(FakeSys::new());
+    fake.fail_at(1, libc::EBUSY);
+    let b = backend(&fx, AufsConfig::default(), &fake);
+    begin(&mut fx, &b);
+    let err = b.freeze(&fx.spec).unwrap_err();
+    assert_eq!(err.kind(), layerpack_core::ErrorKind::Busy);
+    assert!(err.to_string().contains("layerpack final fake"), "{err}");
+    assert_eq!(b.health(&fx.spec), Health::Ok);
 }
 
 #[test]
@@ -185,10 +212,10 @@ fn declined_and_unsupported_ioctls_fall_back_to_the_fold() {
         (libc::EINVAL, 1, false),
         (libc::ENOTTY, 0, true),
     ] {
-        let fx = setup(&format!("decline{errno}-{au_errno}"));
+        let mut fx = setup(&format!("decline{errno}-{au_errno}"));
         let fake = Arc::new(FakeSys::new());
         let b = backend(&fx, AufsConfig::default(), &fake);
-        b.begin(&fx.spec).unwrap();
+        begin(&mut fx, &b);
         let reference = install(&fx);
         fake.on_ioctl(Box::new(move |_, _, arg: &mut [u8]| {
             arg[mvdown::OFFSET_AU_ERRNO] = au_errno as u8;
@@ -209,22 +236,21 @@ fn declined_and_unsupported_ioctls_fall_back_to_the_fold() {
 }
 
 #[test]
-fn an_io_error_stops_before_unmounting_and_a_rerun_finishes() {
-    let fx = setup("eio");
+fn an_io_error_stops_the_move_down_with_nothing_lost_and_a_rerun_finishes() {
+    let mut fx = setup("eio");
     let fake = Arc::new(FakeSys::new());
     let b = backend(&fx, AufsConfig::default(), &fake);
-    let merged = b.begin(&fx.spec).unwrap();
+    let merged = begin(&mut fx, &b);
     let reference = install(&fx);
     fake.on_ioctl(Box::new(|_, _, _| {
         Err(io::Error::from_raw_os_error(libc::EIO))
     }));
+    b.freeze(&fx.spec).unwrap();
     let err = b.move_down(&fx.spec).unwrap_err();
     assert!(err.to_string().contains("etc/new"), "{err}");
-    assert_eq!(
-        b.health(&fx.spec),
-        Health::Ok,
-        "still mounted, nothing lost"
-    );
+    // The private mount was undone and the layer is intact.
+    assert!(!fake.is_mounted(&merged, None).unwrap());
+    assert!(fx.spec.dir.join("upper/etc/new").exists());
     fake.on_ioctl(kernel(
         merged,
         fx.spec.dir.join("upper"),
@@ -236,7 +262,7 @@ fn an_io_error_stops_before_unmounting_and_a_rerun_finishes() {
 
 #[test]
 fn offline_mode_never_calls_the_ioctl() {
-    let fx = setup("offline");
+    let mut fx = setup("offline");
     let fake = Arc::new(FakeSys::new());
     let cfg = AufsConfig {
         offline: true,
@@ -244,7 +270,7 @@ fn offline_mode_never_calls_the_ioctl() {
     };
     let b = backend(&fx, cfg, &fake);
     assert!(!b.capabilities().online_move_down);
-    b.begin(&fx.spec).unwrap();
+    begin(&mut fx, &b);
     let reference = install(&fx);
     b.move_down(&fx.spec).unwrap();
     assert!(ioctl_paths(&fake.calls()).is_empty());
@@ -253,14 +279,14 @@ fn offline_mode_never_calls_the_ioctl() {
 
 #[test]
 fn in_place_session_binds_the_root_and_mounts_on_it() {
-    let fx = setup("inplace");
+    let mut fx = setup("inplace");
     let fake = Arc::new(FakeSys::new());
     let cfg = AufsConfig {
         in_place: true,
         ..AufsConfig::default()
     };
     let b = backend(&fx, cfg, &fake);
-    assert_eq!(b.begin(&fx.spec).unwrap(), fx.spec.base);
+    assert_eq!(begin(&mut fx, &b), fx.spec.base);
     let lower = fx.spec.dir.join("lower");
     let calls = fake.calls();
     assert_eq!(
@@ -318,14 +344,12 @@ fn a_failed_mount_undoes_everything() {
 #[test]
 fn a_move_down_killed_at_any_fold_step_is_finished_by_a_rerun() {
     for n in 0.. {
-        let fx = setup(&format!("kill{n}"));
+        let mut fx = setup(&format!("kill{n}"));
         let fake = Arc::new(FakeSys::new());
-        let failing = AufsConfig {
-            fold_fail_after: Some(n),
-            ..AufsConfig::default()
-        };
-        let b = backend(&fx, failing, &fake);
-        let merged = b.begin(&fx.spec).unwrap();
+        let b = backend(&fx, AufsConfig::default(), &fake).with_fold(FoldOptions {
+            fail_after: Some(n),
+        });
+        let merged = begin(&mut fx, &b);
         let reference = install(&fx);
         fake.on_ioctl(kernel(
             merged,

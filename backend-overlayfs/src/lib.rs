@@ -16,15 +16,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use layerpack_core::backend::{
-    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec, Unavailable,
 };
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::ChangeSet;
 use layerpack_core::registry::{Origin, Registry};
-use layerpack_core::sys::{MountFlags, RealSys, Sys};
+use layerpack_core::sys::{RealSys, Sys};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
-use layerpack_core::union::UnionSession;
+use layerpack_core::union::{UnionSession, UnionState};
 use layerpack_core::{Error, ErrorKind, Result};
 use nix::mount::{mount, MsFlags};
 use serde::Deserialize;
@@ -41,13 +41,12 @@ pub struct OverlayConfig {
     /// to the same path (Buildroot's `TARGET_DIR`). The root stays
     /// reachable for layerpack through a private bind mount in the session.
     pub in_place: bool,
-    /// Stop the fold after this many operations (crash testing only).
-    pub fold_fail_after: Option<usize>,
 }
 
 /// The overlayfs backend.
 pub struct OverlayBackend {
     cfg: OverlayConfig,
+    fold: FoldOptions,
     proc_root: PathBuf,
     user_namespace: bool,
     sys: Arc<dyn Sys>,
@@ -92,10 +91,17 @@ impl OverlayBackend {
     pub fn new(cfg: OverlayConfig, proc_root: &Path) -> OverlayBackend {
         OverlayBackend {
             cfg,
+            fold: FoldOptions::from_env(),
             proc_root: proc_root.to_path_buf(),
             user_namespace: false,
             sys: Arc::new(RealSys),
         }
+    }
+
+    /// Fold with `opts` (crash tests set a failpoint).
+    pub fn with_fold(mut self, opts: FoldOptions) -> OverlayBackend {
+        self.fold = opts;
+        self
     }
 
     /// Make the privileged calls through `sys` (a recording fake in tests).
@@ -122,10 +128,10 @@ impl OverlayBackend {
 
     /// How the session's upper layer marks whiteouts and opaque
     /// directories (recorded at `begin`).
-    fn format(&self, spec: &SessionSpec) -> WhiteoutFormat {
-        WhiteoutFormat::Overlay {
-            userxattr: self.session(spec).has_flag("userxattr"),
-        }
+    fn format(&self, spec: &SessionSpec) -> Result<WhiteoutFormat> {
+        Ok(WhiteoutFormat::Overlay {
+            userxattr: self.session(spec).has_flag("userxattr")?,
+        })
     }
 
     /// Options the running kernel's overlay knows, from its module
@@ -215,24 +221,25 @@ impl LayerBackend for OverlayBackend {
             .lines()
             .any(|l| l.split_whitespace().last() == Some("overlay"))
         {
-            return Probe::Unavailable(
-                "overlay not in /proc/filesystems (modprobe overlay)".into(),
-            );
+            return Probe::Unavailable(Unavailable::NoFilesystem {
+                fs: "overlay".into(),
+                hint: "modprobe overlay".into(),
+            });
         }
         if !nix::unistd::geteuid().is_root() {
-            return Probe::Unavailable(
-                "needs root for init and final as separate processes; as an unprivileged user, `layerpack run --backend overlayfs` works through a user namespace".into(),
-            );
+            return Probe::Unavailable(Unavailable::NeedsRoot {
+                hint: "init and final as separate processes need root; as an unprivileged user, `layerpack run --backend overlayfs` works through a user namespace".into(),
+            });
         }
         Probe::Available
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
         let session = self.session(spec);
         let (upper, work) = (session.upper(), spec.dir.join("work"));
         let in_place = self.cfg.in_place;
         session.create_dirs(in_place, &["work"])?;
-        let result = (|| -> Result<PathBuf> {
+        let result = (|| -> Result<Begun> {
             const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
             session.refuse_root_on(
                 OVERLAYFS_SUPER_MAGIC,
@@ -257,58 +264,63 @@ impl LayerBackend for OverlayBackend {
             }
             let _ = xattr::remove(&upper, probe_name);
             session.check_same_filesystem()?;
-            let flags: &[&str] = if self.user_namespace {
-                &["userxattr"]
-            } else {
-                &[]
-            };
-            session.write_mode(in_place, flags)?;
             let (lowerdir, target) = if in_place {
                 (session.bind_root()?, spec.base.clone())
             } else {
                 (spec.base.clone(), session.merged_dir())
             };
-            let opts = self.mount_options(&lowerdir, &upper, &work)?;
-            self.sys
-                .mount(
-                    Some(Path::new("overlay")),
-                    &target,
-                    Some("overlay"),
-                    MountFlags::default(),
-                    Some(opts.as_str()),
-                )
-                .map_err(|e| Error::io(&target, format!("cannot mount overlay ({opts})"), e))?;
-            Ok(target)
+            let options = self.mount_options(&lowerdir, &upper, &work)?;
+            session.mount_union("overlay", &target, &options)?;
+            let state = UnionState {
+                in_place,
+                flags: if self.user_namespace {
+                    vec!["userxattr".into()]
+                } else {
+                    Vec::new()
+                },
+                options,
+            };
+            Ok(Begun {
+                merged: target,
+                state: state.encode()?,
+            })
         })();
-        if result.is_err() {
-            session.undo_begin(&["work"], &[]);
+        if let Err(e) = result {
+            return Err(layerpack_core::ops::with_cleanup(
+                e,
+                session.undo_begin(&["work"], &[]),
+            ));
         }
         result
     }
 
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(self.session(spec).places().0)
+    /// Unmount the overlay (and the bind mount of the root): the upper
+    /// layer can no longer change, and a busy mount fails here.
+    fn freeze(&self, spec: &SessionSpec) -> Result<()> {
+        self.session(spec).unmount_all()
+    }
+
+    fn thaw(&self, spec: &SessionSpec) -> Result<()> {
+        self.session(spec).remount("overlay", true)
+    }
+
+    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+        self.session(spec).upper()
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
         let session = self.session(spec);
-        read_upper(&session.upper(), &session.places().1, self.format(spec))
+        read_upper(&session.upper(), &session.places()?.1, self.format(spec)?)
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {
         let session = self.session(spec);
         let upper = session.upper();
-        // Unmount first: the fold writes into the base itself.
+        // Unmount first (a no-op after freeze): the fold writes into the
+        // base itself.
         session.unmount_all()?;
         if upper.exists() {
-            fold(
-                &upper,
-                &spec.base,
-                self.format(spec),
-                FoldOptions {
-                    fail_after: self.cfg.fold_fail_after,
-                },
-            )?;
+            fold(&upper, &spec.base, self.format(spec)?, self.fold)?;
         }
         session.remove_files(&["work"], &[])
     }
@@ -353,14 +365,14 @@ mod tests {
         fs::create_dir_all(root.join("proc")).unwrap();
         fs::write(root.join("proc/filesystems"), "nodev\tproc\n\text4\n").unwrap();
         let b = OverlayBackend::new(OverlayConfig::default(), &root);
-        assert_eq!(
-            b.probe().reason(),
-            Some("overlay not in /proc/filesystems (modprobe overlay)")
-        );
+        assert!(matches!(
+            b.probe(),
+            Probe::Unavailable(Unavailable::NoFilesystem { ref fs, .. }) if fs == "overlay"
+        ));
         fs::remove_dir_all(&root).unwrap();
     }
 
-    use layerpack_core::sys::{Call, FakeSys};
+    use layerpack_core::sys::{Call, FakeSys, MountFlags};
 
     /// A fake /proc and /sys where overlay exists with all three options,
     /// a base, and a session directory.
@@ -380,15 +392,13 @@ mod tests {
             package: "fake".into(),
             base: fs::canonicalize(root.join("base")).unwrap(),
             dir: fs::canonicalize(root.join("session")).unwrap(),
+            state: Default::default(),
         };
         (root, spec)
     }
 
     fn in_place() -> OverlayConfig {
-        OverlayConfig {
-            in_place: true,
-            ..OverlayConfig::default()
-        }
+        OverlayConfig { in_place: true }
     }
 
     /// The exact calls of an in-place session, through the fake (user
@@ -400,8 +410,12 @@ mod tests {
         let b = OverlayBackend::new(in_place(), &root)
             .in_user_namespace(true)
             .with_sys(fake.clone());
-        let merged = b.begin(&spec).unwrap();
-        assert_eq!(merged, spec.base);
+        let begun = b.begin(&spec).unwrap();
+        assert_eq!(begun.merged, spec.base);
+        let spec = SessionSpec {
+            state: begun.state,
+            ..spec
+        };
         let lower = spec.dir.join("lower");
         let opts = format!(
             "lowerdir={},upperdir={},workdir={},userxattr,index=off,metacopy=off,redirect_dir=nofollow",

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use layerpack_core::backend::{
-    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    BackendState, Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
 };
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::{ChangeSet, FileKind};
@@ -28,7 +28,7 @@ use layerpack_core::tree::{
     classify_by_stat, compare_by_hash, diff_streams, hash_file, meta_differs, read_xattrs,
     Progress, Record, ScanOptions, TreeScan, Verdict,
 };
-use layerpack_core::{Error, ErrorKind, Result};
+use layerpack_core::{Error, Result};
 use serde::Deserialize;
 
 pub use index::{Header, IndexReader, IndexWriter};
@@ -176,7 +176,7 @@ impl LayerBackend for SnapshotBackend {
         Probe::Available
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
         let (racy_from, window_ns) = self.racy_threshold(spec)?;
         let header = Header {
             start_ns: racy_from,
@@ -197,17 +197,17 @@ impl LayerBackend for SnapshotBackend {
             w.finish()
         })();
         match result {
-            Ok(_) => Ok(spec.base.clone()),
+            // All the state is the index file in the session directory.
+            Ok(_) => Ok(Begun {
+                merged: spec.base.clone(),
+                state: BackendState::default(),
+            }),
             Err(e) => {
                 let _ = std::fs::remove_file(&dest);
                 let _ = std::fs::remove_file(dest.with_extension("tmp"));
                 Err(e)
             }
         }
-    }
-
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(spec.base.clone())
     }
 
     fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet> {
@@ -255,18 +255,11 @@ impl LayerBackend for SnapshotBackend {
         Ok(())
     }
 
-    fn discard(&self, _spec: &SessionSpec) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "backend 'snapshot' cannot discard a layer: the install wrote into the base itself",
-        ))
-    }
-
     fn health(&self, spec: &SessionSpec) -> Health {
         if Self::index_path(spec).is_file() {
             Health::Ok
         } else {
-            Health::Stale(format!(
+            Health::Broken(format!(
                 "snapshot index {} is missing; run `layerpack abort {}`",
                 Self::index_path(spec).display(),
                 spec.package
@@ -331,6 +324,7 @@ layerpack_core::export_backend!(SnapshotBackend);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use layerpack_core::ErrorKind;
     use std::fs;
     use std::io::Write;
 
@@ -343,6 +337,7 @@ mod tests {
             package: "t".into(),
             base: root.join("base"),
             dir: root.join("session"),
+            state: Default::default(),
         }
     }
 

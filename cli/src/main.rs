@@ -182,9 +182,52 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("layerpack: error: {e:#}");
+            eprintln!("layerpack: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and every cause behind it, on one line; a cause whose text
+/// the line already holds is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": caused by: ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// What `status` says of an open session: its phase and health, and the
+/// command that moves it on.
+fn session_state(ctx: &ops::Context<'_>, s: &layerpack_core::session::SessionFile) -> String {
+    use layerpack_core::session::Phase;
+    let pkg = &s.package;
+    match s.phase {
+        Phase::Starting => {
+            return format!("`layerpack init {pkg}` did not finish; run it again or `layerpack abort {pkg}`")
+        }
+        Phase::Frozen => {
+            return format!("`final` was interrupted after it unmounted the layer; run `layerpack final {pkg}` to finish")
+        }
+        Phase::MovingDown => {
+            return format!("the fold into the root was interrupted; run `layerpack final {pkg}` to finish it")
+        }
+        Phase::Discarding => {
+            return format!("the discard was interrupted; run `layerpack final {pkg} --discard` or `layerpack abort {pkg}`")
+        }
+        Phase::Open => {}
+    }
+    match ctx.backend(&s.backend) {
+        Ok(b) => b.health(&ctx.state.spec(s)).describe(),
+        Err(e) => format!("backend unavailable: {e}"),
     }
 }
 
@@ -256,6 +299,15 @@ fn rootless_run(cmd: &Command, config: &Config) -> Result<bool> {
     };
     if choice != layerpack_backend_overlayfs::NAME || nix::unistd::geteuid().is_root() {
         return Ok(false);
+    }
+    // Inside the namespace this process is uid 0: the per-user registry of
+    // open roots is the real user's, so fix its place first. Still one
+    // thread here, so setting the variable races with nothing.
+    if std::env::var_os("LAYERPACK_RUNTIME_DIR").is_none() {
+        std::env::set_var(
+            "LAYERPACK_RUNTIME_DIR",
+            layerpack_core::roots::default_runtime_dir(),
+        );
     }
     layerpack_backend_overlayfs::enter_user_namespace()?;
     Ok(true)
@@ -368,7 +420,7 @@ impl App {
         let bar = self
             .progress
             .start(&format!("reading the layer of {package}"));
-        let done = ctx.finish(package, how, &copts, |s, cs| {
+        let done = ctx.finish(package, how, &copts, |s, cs, content| {
             let keep_owners = ctx
                 .backend(&s.backend)
                 .map(|b| b.capabilities().records_ownership)
@@ -394,7 +446,7 @@ impl App {
                     ),
                 ));
             }
-            written.extend(packaging.write(cs, &s.merged, &out).map_err(core_err)?);
+            written.extend(packaging.write(cs, content, &out).map_err(core_err)?);
             notes.append(&mut packaging.notes);
             let path = manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs)
                 .map_err(core_err)?;
@@ -519,10 +571,18 @@ impl App {
         let a = ctx.abort(package)?;
         if self.global.json {
             print_json(
-                &json!({"type": "abort", "package": package, "backend": a.backend, "restored": a.restored}),
+                &json!({"type": "abort", "package": package, "backend": a.backend, "restored": a.restored,
+                        "unmounted": a.unmounted.iter().map(|p| path_json(p)).collect::<Vec<_>>()}),
             )?;
         } else if a.restored {
             eprintln!("layerpack: {package}: session dropped; layer discarded, the root is as before init");
+        } else if a.backend.is_none() {
+            for m in &a.unmounted {
+                eprintln!("layerpack: {package}: unmounted {}", m.display());
+            }
+            eprintln!(
+                "layerpack: {package}: the unreadable session was dropped; the root holds what the install wrote through the mount, if anything"
+            );
         } else {
             eprintln!(
                 "layerpack: {package}: session dropped; what the install wrote stays in the root"
@@ -543,13 +603,7 @@ impl App {
         for (name, loaded) in sessions {
             let (obj, line) = match loaded {
                 Ok(s) => {
-                    let health = match ctx.backend(&s.backend) {
-                        Ok(b) => match b.health(&ctx.state.spec(&s)) {
-                            layerpack_core::backend::Health::Ok => "ok".to_string(),
-                            layerpack_core::backend::Health::Stale(w) => format!("stale: {w}"),
-                        },
-                        Err(e) => format!("backend unavailable: {e}"),
-                    };
+                    let health = session_state(&ctx, &s);
                     let line = format!(
                         "{}\t{}\t{}\t{}\t{}",
                         s.package,
@@ -566,8 +620,9 @@ impl App {
                     )
                 }
                 Err(e) => (
-                    json!({"type": "session", "package": name, "error": e.to_string(), "kind": e.kind().as_str()}),
-                    format!("{name}\t?\tbroken\t-\t{e}"),
+                    json!({"type": "session", "package": name, "error": e.to_string(), "kind": e.kind().as_str(),
+                           "health": format!("broken: {e}; `layerpack abort {name}` unmounts what it left and drops it")}),
+                    format!("{name}\t?\tbroken\t-\t{e}; `layerpack abort {name}` unmounts what it left and drops it"),
                 ),
             };
             if self.global.json {
@@ -593,7 +648,9 @@ impl App {
             let (probe, caps) = match &b {
                 Ok(b) => (b.probe(), Some(b.capabilities())),
                 Err(e) => (
-                    layerpack_core::backend::Probe::Unavailable(e.to_string()),
+                    layerpack_core::backend::Probe::Unavailable(
+                        layerpack_core::backend::Unavailable::Other(e.to_string()),
+                    ),
                     None,
                 ),
             };
@@ -660,15 +717,17 @@ impl App {
             &scratch,
             |sc| {
                 (userns && sc.needs.root).then(|| {
-                    "needs real root (chown and mknod of ids outside the user namespace)"
-                        .to_string()
+                    testkit::Skip::Other(
+                        "needs real root (chown and mknod of ids outside the user namespace)"
+                            .to_string(),
+                    )
                 })
             },
             |r| {
                 let (status, detail) = match &r.outcome {
-                    testkit::Outcome::Pass => ("pass", ""),
-                    testkit::Outcome::Fail(e) => ("FAIL", e.as_str()),
-                    testkit::Outcome::Skip(why) => ("skip", why.as_str()),
+                    testkit::Outcome::Pass => ("pass", String::new()),
+                    testkit::Outcome::Fail(e) => ("FAIL", e.clone()),
+                    testkit::Outcome::Skip(why) => ("skip", why.to_string()),
                 };
                 let printed = if json {
                     print_json(

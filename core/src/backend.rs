@@ -46,14 +46,74 @@ impl Capabilities {
     }
 }
 
+/// Why a backend cannot run here. Each variant says what is missing in
+/// words a person can act on ([`std::fmt::Display`]); callers and tests
+/// match on the variant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The kernel lacks the filesystem (`overlay`, `aufs`, `fuse`).
+    NoFilesystem {
+        /// Name as in `/proc/filesystems`.
+        fs: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// Needs root (or a capability) that this process lacks.
+    NeedsRoot {
+        /// What works instead.
+        hint: String,
+    },
+    /// A program or device the backend uses is missing.
+    Missing {
+        /// What is missing (`/dev/fuse`, `fusermount3`).
+        what: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The backend exists as a name but is not built.
+    NotImplemented,
+    /// Anything else, in the backend's words.
+    Other(String),
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::NoFilesystem { fs, hint } => {
+                write!(f, "{fs} not in /proc/filesystems")?;
+                if !hint.is_empty() {
+                    write!(f, " ({hint})")?;
+                }
+                Ok(())
+            }
+            Unavailable::NeedsRoot { hint } => write!(f, "needs root; {hint}"),
+            Unavailable::Missing { what, hint } => write!(f, "{what} is missing; {hint}"),
+            Unavailable::NotImplemented => f.write_str("not implemented yet"),
+            Unavailable::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Unavailable {
+    /// A stable code, for the plugin ABI and `--json`.
+    pub fn code(&self) -> u32 {
+        match self {
+            Unavailable::NoFilesystem { .. } => 1,
+            Unavailable::NeedsRoot { .. } => 2,
+            Unavailable::Missing { .. } => 3,
+            Unavailable::NotImplemented => 4,
+            Unavailable::Other(_) => 5,
+        }
+    }
+}
+
 /// Whether a backend can run on this machine now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
     /// Ready to use.
     Available,
-    /// Cannot run here; the reason says what is missing, in words a person
-    /// can act on.
-    Unavailable(String),
+    /// Cannot run here, and why.
+    Unavailable(Unavailable),
 }
 
 impl Probe {
@@ -62,16 +122,65 @@ impl Probe {
         matches!(self, Probe::Available)
     }
 
-    /// The reason, when unavailable.
-    pub fn reason(&self) -> Option<&str> {
+    /// The reason as a sentence, when unavailable.
+    pub fn reason(&self) -> Option<String> {
         match self {
             Probe::Available => None,
-            Probe::Unavailable(r) => Some(r),
+            Probe::Unavailable(r) => Some(r.to_string()),
         }
     }
 }
 
-/// Where one session lives.
+/// What a backend keeps about one open session, saved by core inside
+/// `session.json` (atomically, at every phase change) and handed back on
+/// every later call, in whichever process. `version` is the backend's own
+/// format number: a backend refuses a state it does not know
+/// ([`BackendState::decode`]) instead of guessing.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendState {
+    /// The backend's format number for `data`.
+    pub version: u32,
+    /// The backend's own typed state, as JSON.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl BackendState {
+    /// Encode `value` as version `version` of a backend's state.
+    pub fn encode<T: serde::Serialize>(version: u32, value: &T) -> Result<BackendState> {
+        Ok(BackendState {
+            version,
+            data: serde_json::to_value(value).map_err(|e| {
+                crate::Error::new(
+                    crate::ErrorKind::Io,
+                    format!("cannot encode backend state: {e}"),
+                )
+            })?,
+        })
+    }
+
+    /// Decode the state of `backend`, which must be version `version`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, backend: &str, version: u32) -> Result<T> {
+        if self.version != version {
+            return Err(crate::Error::new(
+                crate::ErrorKind::Corrupt,
+                format!(
+                    "the session's {backend} state has version {}, this layerpack reads version {version}; finish or abort the session with the layerpack that opened it",
+                    self.version
+                ),
+            ));
+        }
+        serde_json::from_value(self.data.clone()).map_err(|e| {
+            crate::Error::new(
+                crate::ErrorKind::Corrupt,
+                format!("the session's {backend} state is not readable: {e}"),
+            )
+        })
+    }
+}
+
+/// Where one session lives, and what its backend recorded.
 #[derive(Clone, Debug)]
 pub struct SessionSpec {
     /// Package being captured.
@@ -79,9 +188,19 @@ pub struct SessionSpec {
     /// The tree installed into, canonical.
     pub base: PathBuf,
     /// A directory private to this session, outside the base, that exists
-    /// from `begin` until the session ends. Backends keep all their state
-    /// here.
+    /// from `begin` until the session ends. Backends keep their files here.
     pub dir: PathBuf,
+    /// What [`LayerBackend::begin`] returned (empty during `begin`).
+    pub state: BackendState,
+}
+
+/// What `begin` gives back.
+#[derive(Clone, Debug)]
+pub struct Begun {
+    /// Where the install must write.
+    pub merged: PathBuf,
+    /// The backend's state, saved by core with the session.
+    pub state: BackendState,
 }
 
 /// How thoroughly to compare content when reading the layer.
@@ -96,9 +215,24 @@ pub struct ChangeOptions {
 pub enum Health {
     /// Everything the session needs is in place.
     Ok,
-    /// Something is missing or stale (e.g. the mount is gone after a
-    /// reboot); the text says what and what to run.
-    Stale(String),
+    /// The merged view is gone while the session is open (a reboot, a
+    /// killed daemon): the layer is still there and `final` reads it
+    /// directly.
+    MountLost(String),
+    /// Something the session needs is missing; the text says what and
+    /// what to run.
+    Broken(String),
+}
+
+impl Health {
+    /// The state as a sentence, `ok` when healthy.
+    pub fn describe(&self) -> String {
+        match self {
+            Health::Ok => "ok".into(),
+            Health::MountLost(s) => format!("mount lost: {s}"),
+            Health::Broken(s) => format!("broken: {s}"),
+        }
+    }
 }
 
 /// One way to capture a layer.
@@ -116,21 +250,44 @@ pub trait LayerBackend: Send + Sync {
     ///
     /// # Behavior
     /// - Never changes the system; cheap enough to call for every command.
-    /// - `Unavailable` carries a reason a person can act on.
+    /// - `Unavailable` says what is missing and what to do.
     fn probe(&self) -> Probe;
 
     /// Open a capture on `spec.base`; return the merged path the install
-    /// must write into.
+    /// must write into and the state to keep.
     ///
     /// # Behavior
-    /// - `spec.dir` exists and is empty; the base is a directory.
+    /// - `spec.dir` exists and is empty; the base is a directory;
+    ///   `spec.state` is empty.
     /// - On error, everything this call set up is undone (mounts, files in
     ///   `spec.dir`), and the base is unchanged.
     /// - The base is never modified.
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf>;
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun>;
 
-    /// The merged path of an open session (same as `begin` returned).
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf>;
+    /// Make the merged view unwritable before the layer is read, so the
+    /// package and the base can never differ (union backends unmount).
+    ///
+    /// # Behavior
+    /// - Idempotent; succeeds when the view is already gone (after a
+    ///   reboot, or a `final` that was interrupted after it).
+    /// - Fails (e.g. `Busy`) before anything is changed when the view is
+    ///   in use; the session stays open and usable.
+    /// - Default: nothing to do (the install wrote into the base itself).
+    fn freeze(&self, _spec: &SessionSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Undo [`LayerBackend::freeze`] so the install can write again
+    /// (`final --keep`). Default: nothing to do.
+    fn thaw(&self, _spec: &SessionSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where the entries of the change set can be read once frozen (the
+    /// upper layer of a union backend, the base otherwise).
+    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+        spec.base.clone()
+    }
 
     /// Read the layer as a change set.
     ///
@@ -139,7 +296,8 @@ pub trait LayerBackend: Send + Sync {
     ///   expanded, internal markers never reported, parents of additions
     ///   not reported unless they changed themselves.
     /// - Regular files that are added or modified carry their sha256.
-    /// - Read-only: may be called any number of times until move-down.
+    /// - Read-only: may be called any number of times until move-down,
+    ///   frozen or not.
     fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet>;
 
     /// Fold the layer into the base and leave nothing of it behind.
@@ -154,13 +312,18 @@ pub trait LayerBackend: Send + Sync {
     /// Drop the layer; the base is as it was before `begin`.
     ///
     /// # Behavior
-    /// - Only called when `capabilities().can_discard`; others return
-    ///   `Unsupported`.
+    /// - Only called when `capabilities().can_discard`.
     /// - Idempotent, like `move_down`.
-    fn discard(&self, spec: &SessionSpec) -> Result<()>;
+    /// - Default: `Unsupported`.
+    fn discard(&self, _spec: &SessionSpec) -> Result<()> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("backend '{}' cannot discard a layer", self.name()),
+        ))
+    }
 
-    /// Release what a session holds without folding or discarding (used by
-    /// `abort` when the backend cannot discard). Default: nothing to do.
+    /// Release what a session holds without folding or discarding (for a
+    /// backend that cannot discard). Default: nothing to do.
     fn release(&self, _spec: &SessionSpec) -> Result<()> {
         Ok(())
     }
@@ -168,6 +331,19 @@ pub trait LayerBackend: Send + Sync {
     /// Whether an open session is still intact.
     fn health(&self, _spec: &SessionSpec) -> Health {
         Health::Ok
+    }
+}
+
+/// End a session without folding it: discard the layer where the backend
+/// can (returns true: the base is as before), release it otherwise
+/// (false: what the install wrote stays in the base).
+pub fn abandon(backend: &dyn LayerBackend, spec: &SessionSpec) -> Result<bool> {
+    if backend.capabilities().can_discard {
+        backend.discard(spec)?;
+        Ok(true)
+    } else {
+        backend.release(spec)?;
+        Ok(false)
     }
 }
 
@@ -181,56 +357,6 @@ pub fn require(backend: &dyn LayerBackend, have: bool, what: &str) -> Result<()>
             crate::ErrorKind::Unsupported,
             format!("backend '{}' cannot {what}", backend.name()),
         ))
-    }
-}
-
-/// A backend that exists as a crate but is not built yet: probes
-/// unavailable and refuses every operation.
-pub struct NotImplemented {
-    name: &'static str,
-}
-
-impl NotImplemented {
-    /// A placeholder registered under `name`.
-    pub fn new(name: &'static str) -> NotImplemented {
-        NotImplemented { name }
-    }
-
-    fn refuse<T>(&self) -> Result<T> {
-        Err(crate::Error::new(
-            crate::ErrorKind::Unsupported,
-            format!(
-                "backend '{}' is not implemented yet; use --backend snapshot",
-                self.name
-            ),
-        ))
-    }
-}
-
-impl LayerBackend for NotImplemented {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-    fn probe(&self) -> Probe {
-        Probe::Unavailable(format!("the {} backend is not implemented yet", self.name))
-    }
-    fn begin(&self, _: &SessionSpec) -> Result<PathBuf> {
-        self.refuse()
-    }
-    fn merged_path(&self, _: &SessionSpec) -> Result<PathBuf> {
-        self.refuse()
-    }
-    fn changes(&self, _: &SessionSpec, _: &ChangeOptions) -> Result<ChangeSet> {
-        self.refuse()
-    }
-    fn move_down(&self, _: &SessionSpec) -> Result<()> {
-        self.refuse()
-    }
-    fn discard(&self, _: &SessionSpec) -> Result<()> {
-        self.refuse()
     }
 }
 

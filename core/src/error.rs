@@ -49,14 +49,16 @@ impl ErrorKind {
     }
 }
 
-/// An error with its kind, the path it concerns (if any) and the OS error
-/// behind it (if any).
+/// An error with its kind, the path it concerns (if any), the error behind
+/// it (if any, as [`std::error::Error::source`]) and any error of the
+/// cleanup that followed it.
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
     path: Option<PathBuf>,
-    source: Option<io::Error>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    also: Vec<Error>,
 }
 
 /// Result alias used throughout layerpack.
@@ -70,7 +72,21 @@ impl Error {
             message: message.into(),
             path: None,
             source: None,
+            also: Vec::new(),
         }
+    }
+
+    /// Record the error behind this one.
+    pub fn caused_by(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.source = Some(Box::new(cause));
+        self
+    }
+
+    /// Add the error of a cleanup that failed after this one: both are
+    /// reported.
+    pub fn also(mut self, cleanup: Error) -> Error {
+        self.also.push(cleanup);
+        self
     }
 
     /// An error about `path` caused by an OS error; the kind follows the errno.
@@ -91,7 +107,8 @@ impl Error {
             kind,
             message: what.into(),
             path: Some(path.as_ref().to_path_buf()),
-            source: Some(source),
+            source: Some(Box::new(source)),
+            also: Vec::new(),
         }
     }
 
@@ -140,11 +157,20 @@ impl fmt::Display for Error {
         if let Some(src) = &self.source {
             write!(f, ": {src}")?;
         }
+        for a in &self.also {
+            write!(f, "; cleaning up failed too: {a}")?;
+        }
         Ok(())
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Shorthand for `Err(Error::new(kind, format!(...)))`.
 #[macro_export]

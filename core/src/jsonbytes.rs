@@ -46,6 +46,23 @@ pub mod path {
     }
 }
 
+/// serde adapter for `Vec<u8>` fields (text when UTF-8, else base64).
+pub mod bytes {
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Serialize bytes.
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        super::to_json(b).serialize(s)
+    }
+
+    /// Deserialize bytes written by [`serialize`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        super::from_json(&v)
+            .ok_or_else(|| D::Error::custom("expected a string or {\"bytes\": base64}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

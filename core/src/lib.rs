@@ -19,6 +19,7 @@ pub mod ops;
 pub mod pack;
 pub mod plugin;
 pub mod registry;
+pub mod roots;
 pub mod scenarios;
 pub mod session;
 pub mod sys;

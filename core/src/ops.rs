@@ -4,10 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::{ChangeOptions, LayerBackend};
+use crate::backend::{abandon, ChangeOptions, LayerBackend};
 use crate::config::Config;
 use crate::model::ChangeSet;
 use crate::registry::Registry;
+use crate::roots::{Entry, Place, Roots};
 use crate::session::{check_root, validate_package_name, Phase, SessionFile, StateDir};
 use crate::{Error, ErrorKind, Result};
 
@@ -55,6 +56,8 @@ pub struct Aborted {
     pub backend: Option<String>,
     /// True when the base is back to its state before `init`.
     pub restored: bool,
+    /// Mounts of an unreadable session that `abort` found and unmounted.
+    pub unmounted: Vec<PathBuf>,
 }
 
 impl Context<'_> {
@@ -62,6 +65,11 @@ impl Context<'_> {
     pub fn backend(&self, name: &str) -> Result<Box<dyn LayerBackend>> {
         self.registry
             .create(name, &self.config.backend_config(name))
+    }
+
+    /// The per-user registry of open sessions' roots.
+    pub fn roots(&self) -> Result<Roots> {
+        Roots::open_default()
     }
 
     /// Open a session for `pkg` on `root`.
@@ -74,7 +82,8 @@ impl Context<'_> {
     ) -> Result<Opened> {
         validate_package_name(pkg)?;
         let base = check_root(root)?;
-        self.state.check_outside(&base)?;
+        let place = Place::of(&base)?;
+        self.state.check_outside(&place)?;
         let choice = choice
             .or(self.config.backend.as_deref())
             .unwrap_or("snapshot");
@@ -95,19 +104,17 @@ impl Context<'_> {
         if self.state.exists(pkg) {
             self.clear_unfinished_init(pkg)?;
         }
-        for (other, s) in self.state.list()? {
-            if let Ok(s) = s {
-                if s.base == base && other != pkg {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!(
-                            "package '{other}' already has an open session on {}; run `layerpack final {other}` or `layerpack abort {other}` first",
-                            base.display()
-                        ),
-                    ));
-                }
-            }
-        }
+        let roots = self.roots()?;
+        let held = roots.lock()?;
+        let session_dir = self.state.session_dir(pkg);
+        roots.register(
+            &held,
+            &Entry {
+                package: pkg.to_string(),
+                session_dir: session_dir.clone(),
+                root: place,
+            },
+        )?;
 
         let mut session = SessionFile {
             format: crate::session::SESSION_FORMAT,
@@ -121,34 +128,32 @@ impl Context<'_> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            backend_state: Default::default(),
         };
-        self.state.create_dir(pkg)?;
-        let started = self.state.save(&session).and_then(|()| {
-            let spec = self.state.spec(&session);
-            backend.begin(&spec)
+        let started = self.state.create_dir(pkg).and_then(|()| {
+            self.state.save(&session)?;
+            backend.begin(&self.state.spec(&session))
         });
-        let merged = match started {
-            Ok(m) => m,
+        let begun = match started {
+            Ok(b) => b,
             Err(e) => {
                 // begin undid its own work; drop the session we started.
-                let _ = self.state.remove(pkg);
-                return Err(e);
+                let cleanup = self
+                    .state
+                    .remove(pkg)
+                    .and_then(|()| roots.unregister(&session_dir));
+                return Err(with_cleanup(e, cleanup));
             }
         };
-        session.merged = merged;
+        session.merged = begun.merged;
+        session.backend_state = begun.state;
         session.phase = Phase::Open;
         if let Err(e) = self.state.save(&session) {
-            let spec = self.state.spec(&session);
-            let undo = if backend.capabilities().can_discard {
-                backend.discard(&spec)
-            } else {
-                backend.release(&spec)
-            };
-            let _ = self.state.remove(pkg);
-            return Err(match undo {
-                Ok(()) => e,
-                Err(u) => e.context(format!("and undoing the session failed too ({u})")),
-            });
+            let undo = abandon(&*backend, &self.state.spec(&session))
+                .map(|_| ())
+                .and_then(|()| self.state.remove(pkg))
+                .and_then(|()| roots.unregister(&session_dir));
+            return Err(with_cleanup(e, undo));
         }
         Ok(Opened { session, skipped })
     }
@@ -158,13 +163,9 @@ impl Context<'_> {
     fn clear_unfinished_init(&self, pkg: &str) -> Result<()> {
         match self.state.load(pkg) {
             Ok(s) if s.phase == Phase::Starting => {
-                let backend = self.backend(&s.backend)?;
-                let spec = self.state.spec(&s);
-                if backend.capabilities().can_discard {
-                    backend.discard(&spec)?;
-                } else {
-                    backend.release(&spec)?;
-                }
+                // `begin` never returned, so no state was saved: whatever it
+                // mounted is found the way an unreadable session's is.
+                self.unmount_leftovers(pkg)?;
                 self.state.remove(pkg)
             }
             Ok(s) => Err(Error::new(
@@ -209,15 +210,18 @@ impl Context<'_> {
         Ok((s, cs))
     }
 
-    /// `final`: read the layer, let `write_outputs` write packages and
-    /// manifests, then move down, keep or discard. If a previous `final` was
-    /// killed during move-down or discard, this finishes that step only.
+    /// `final`: make the merged view unwritable, read the layer, let
+    /// `write_outputs` write packages and manifests (it gets the change set
+    /// and the directory its entries are read from), then move down, keep
+    /// or discard. A `final` that was killed is finished by running it
+    /// again: after the freeze it reads the same frozen layer; during
+    /// move-down or discard it finishes that step only.
     pub fn finish(
         &self,
         pkg: &str,
         how: Finish,
         opts: &ChangeOptions,
-        write_outputs: impl FnOnce(&SessionFile, &ChangeSet) -> Result<()>,
+        write_outputs: impl FnOnce(&SessionFile, &ChangeSet, &Path) -> Result<()>,
     ) -> Result<Finished> {
         let _lock = self.state.lock_package(pkg)?;
         let (mut s, backend) = self.open(pkg)?;
@@ -230,10 +234,20 @@ impl Context<'_> {
                 "discard a layer",
             )?;
         }
-        let changes = if resumed == Phase::Open {
+        let changes = if matches!(resumed, Phase::Open | Phase::Frozen) {
+            // Nothing is written before the view is frozen: a busy mount
+            // fails here and the session stays open.
+            backend.freeze(&spec)?;
+            if s.phase == Phase::Open {
+                s.phase = Phase::Frozen;
+                self.state.save(&s)?;
+            }
             let cs = backend.changes(&spec, opts)?;
-            write_outputs(&s, &cs)?;
+            write_outputs(&s, &cs, &backend.content_root(&spec))?;
             if how == Finish::Keep {
+                backend.thaw(&spec)?;
+                s.phase = Phase::Open;
+                self.state.save(&s)?;
                 return Ok(Finished {
                     session: s,
                     changes: Some(cs),
@@ -252,20 +266,64 @@ impl Context<'_> {
         if s.phase == Phase::Discarding {
             backend.discard(&spec)?;
         } else {
-            // One move-down per state directory at a time; sessions on one
-            // base share a state directory, so this serialises them.
-            let _fold = self.state.lock_all()?;
             backend.move_down(&spec)?;
         }
-        self.state.remove(pkg)?;
+        self.end_session(pkg)?;
         Ok(Finished {
             session: s,
             changes,
         })
     }
 
+    /// Remove a finished session and its entry in the roots registry.
+    fn end_session(&self, pkg: &str) -> Result<()> {
+        self.state.remove(pkg)?;
+        self.roots()?.unregister(&self.state.session_dir(pkg))
+    }
+
+    /// Unmount whatever is mounted inside `pkg`'s session directory or
+    /// refers to it (an overlay whose upper layer is there, a FUSE mount
+    /// named after it), innermost first. Used when the session's own
+    /// record cannot be read; fails, naming the command, if one stays.
+    fn unmount_leftovers(&self, pkg: &str) -> Result<Vec<PathBuf>> {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = self.state.session_dir(pkg);
+        let d = dir.as_os_str().as_bytes();
+        let mounts = crate::sys::read_mountinfo()
+            .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))?;
+        let mention = |hay: &[u8]| {
+            hay.windows(d.len() + 1)
+                .any(|w| w.starts_with(d) && matches!(w[d.len()], b'/' | b',' | b':'))
+        };
+        let mut done = Vec::new();
+        for m in mounts.iter().rev() {
+            let inside = m.mount_point.starts_with(d)
+                && m.mount_point.get(d.len()).is_none_or(|c| *c == b'/');
+            if !(inside || mention(&m.super_options) || mention(&m.source)) {
+                continue;
+            }
+            let at = PathBuf::from(std::ffi::OsStr::from_bytes(&m.mount_point));
+            nix::mount::umount2(&at, nix::mount::MntFlags::empty()).map_err(|e| {
+                Error::io(
+                    &at,
+                    format!(
+                        "the session of '{pkg}' cannot be read and left this mount, which cannot be unmounted; run `umount {}` as root, then `layerpack abort {pkg}`",
+                        at.display()
+                    ),
+                    e.into(),
+                )
+                .with_kind(ErrorKind::Busy)
+            })?;
+            done.push(at);
+        }
+        Ok(done)
+    }
+
     /// Drop a session: discard the layer where the backend can, otherwise
-    /// release it and leave the base as the install left it.
+    /// release it and leave the base as the install left it. A session
+    /// whose file cannot be read is never deleted blindly: its mounts are
+    /// found and unmounted first, and the session directory is removed
+    /// without crossing a mount point.
     pub fn abort(&self, pkg: &str) -> Result<Aborted> {
         validate_package_name(pkg)?;
         let _lock = self.state.lock_package(pkg)?;
@@ -278,10 +336,12 @@ impl Context<'_> {
         let s = match self.state.load(pkg) {
             Ok(s) => s,
             Err(e) if e.kind() == ErrorKind::Corrupt || e.kind() == ErrorKind::NotFound => {
-                self.state.remove(pkg)?;
+                let unmounted = self.unmount_leftovers(pkg)?;
+                self.end_session(pkg)?;
                 return Ok(Aborted {
                     backend: None,
                     restored: false,
+                    unmounted,
                 });
             }
             Err(e) => return Err(e),
@@ -297,18 +357,30 @@ impl Context<'_> {
             ));
         }
         let backend = self.backend(&s.backend)?;
-        let spec = self.state.spec(&s);
-        let restored = if backend.capabilities().can_discard {
-            backend.discard(&spec)?;
-            true
-        } else {
-            backend.release(&spec)?;
-            false
-        };
-        self.state.remove(pkg)?;
+        let restored = abandon(&*backend, &self.state.spec(&s))?;
+        self.end_session(pkg)?;
         Ok(Aborted {
             backend: Some(s.backend),
             restored,
+            unmounted: Vec::new(),
         })
+    }
+}
+
+/// `e`, with the failure of the cleanup that followed it (if any) added.
+pub fn with_cleanup(e: Error, cleanup: Result<()>) -> Error {
+    match cleanup {
+        Ok(()) => e,
+        Err(c) => e.also(c),
+    }
+}
+
+/// `result`, or its error with the failure of the cleanup that followed
+/// it added; a cleanup failure alone is the error.
+pub fn with_cleanup_result<T>(result: Result<T>, cleanup: Result<()>) -> Result<T> {
+    match (result, cleanup) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(c)) => Err(c),
+        (Err(e), c) => Err(with_cleanup(e, c)),
     }
 }

@@ -4,14 +4,22 @@
 //!
 //! This is the only module besides the syscall wrappers that uses `unsafe`.
 //!
-//! # ABI version 1
+//! # ABI version 2
 //!
 //! A plugin exports one function per major ABI version it implements,
-//! `layerpack_backend_v1`, returning a pointer to a static [`TableV1`]. The
+//! `layerpack_backend_v2`, returning a pointer to a static [`TableV2`]. The
 //! table starts with `abi_version` and `struct_size`; newer optional
 //! functions are only ever appended, so a host detects them by
 //! `struct_size`, and a table from an older plugin is still read up to its
-//! own size. Incompatible changes get a new symbol (`_v2`).
+//! own size. Incompatible changes get a new symbol (`_v3`).
+//!
+//! Version 2 (replacing 1, which this build refuses with a message naming
+//! both versions): the backend's session state crosses as bytes (the JSON
+//! of [`BackendState`], in [`FfiSpec::state`] and returned by `begin`);
+//! `freeze`, `thaw` and `content_root` were added and `merged_path` was
+//! dropped; every code (error kinds, file kinds, capabilities, probe and
+//! health answers) is an explicit number listed here, never a position in
+//! an array; results with several parts go through a [`TaggedSink`].
 //!
 //! Only `repr(C)` structs, integers, byte slices ([`Bytes`]: pointer +
 //! length; paths are raw bytes) and opaque handles cross. Every function
@@ -33,18 +41,21 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use crate::backend::{Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec};
+use crate::backend::{
+    BackendState, Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    Unavailable,
+};
 use crate::config::BackendConfig;
 use crate::model::{Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath};
 use crate::registry::{Origin, Registry};
 use crate::{Error, ErrorKind, Result};
 
 /// The ABI version this build implements as a plugin.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The oldest ABI version this build loads.
-pub const ABI_MIN: u32 = 1;
+pub const ABI_MIN: u32 = 2;
 /// The newest ABI version this build loads.
-pub const ABI_MAX: u32 = 1;
+pub const ABI_MAX: u32 = 2;
 /// Versions above [`ABI_MAX`] looked for, to name them in the error.
 const ABI_SCAN_LIMIT: u32 = 32;
 
@@ -109,8 +120,16 @@ impl FfiError {
     }
 }
 
-/// Receives bytes from the plugin; the host copies them.
-pub type Sink = unsafe extern "C" fn(ctx: *mut c_void, bytes: Bytes);
+/// Receives one part of a result from the plugin (`tag` says which:
+/// `TAG_*`); the host copies the bytes.
+pub type TaggedSink = unsafe extern "C" fn(ctx: *mut c_void, tag: u32, bytes: Bytes);
+
+/// [`TaggedSink`] tag: a path (the merged path of `begin`, `content_root`).
+pub const TAG_PATH: u32 = 1;
+/// [`TaggedSink`] tag: the JSON of a [`BackendState`] (from `begin`).
+pub const TAG_STATE: u32 = 2;
+/// [`TaggedSink`] tag: a sentence (why unavailable, what is unhealthy).
+pub const TAG_TEXT: u32 = 3;
 
 /// Receives one change; returns 0 to go on, anything else to stop.
 pub type ChangeSink = unsafe extern "C" fn(ctx: *mut c_void, change: *const FfiChange) -> i32;
@@ -125,6 +144,9 @@ pub struct FfiSpec {
     pub base: Bytes,
     /// Session directory path bytes.
     pub dir: Bytes,
+    /// The JSON of the session's [`BackendState`] (`{}`-like empty state
+    /// during `begin`).
+    pub state: Bytes,
 }
 
 /// A backend's settings across the boundary: its table as TOML text and
@@ -201,13 +223,13 @@ pub struct FfiChange {
 
 type Handle = *mut c_void;
 
-/// The function table of ABI version 1. Fields are only ever appended.
+/// The function table of ABI version 2. Fields are only ever appended.
 #[repr(C)]
 #[derive(Debug)]
-pub struct TableV1 {
-    /// Always 1 for this table.
+pub struct TableV2 {
+    /// Always 2 for this table.
     pub abi_version: u32,
-    /// `size_of::<TableV1>()` as the plugin was built.
+    /// `size_of::<TableV2>()` as the plugin was built.
     pub struct_size: u32,
     /// The backend's name (UTF-8, static).
     pub name: Bytes,
@@ -216,32 +238,26 @@ pub struct TableV1 {
         unsafe extern "C" fn(cfg: *const FfiConfig, out: *mut Handle, err: *mut FfiError) -> i32,
     /// Drop a backend made by `create`.
     pub destroy: unsafe extern "C" fn(h: Handle),
-    /// Capability bits (see [`caps_to_bits`]).
+    /// Capability bits (`CAP_*`).
     pub capabilities: unsafe extern "C" fn(h: Handle, out: *mut u64, err: *mut FfiError) -> i32,
-    /// `available` = 1, or 0 with the reason sent to `sink`.
+    /// `code` = 0 when available, else an [`Unavailable::code`] with the
+    /// sentence sent as `TAG_TEXT`.
     pub probe: unsafe extern "C" fn(
         h: Handle,
-        available: *mut u32,
-        sink: Sink,
+        code: *mut u32,
+        sink: TaggedSink,
         ctx: *mut c_void,
         err: *mut FfiError,
     ) -> i32,
-    /// Open a session; the merged path goes to `sink`.
-    pub begin: unsafe extern "C" fn(
-        h: Handle,
-        spec: *const FfiSpec,
-        sink: Sink,
-        ctx: *mut c_void,
-        err: *mut FfiError,
-    ) -> i32,
-    /// The merged path of an open session, to `sink`.
-    pub merged_path: unsafe extern "C" fn(
-        h: Handle,
-        spec: *const FfiSpec,
-        sink: Sink,
-        ctx: *mut c_void,
-        err: *mut FfiError,
-    ) -> i32,
+    /// Open a session: the merged path as `TAG_PATH`, the state as
+    /// `TAG_STATE`.
+    pub begin: SpecSinkFn,
+    /// Make the merged view unwritable.
+    pub freeze: SpecFn,
+    /// Make it writable again.
+    pub thaw: SpecFn,
+    /// Where the change set's entries are read once frozen, as `TAG_PATH`.
+    pub content_root: SpecSinkFn,
     /// Stream the change set, in order, to `sink`. `opts` bit 0: hash all.
     pub changes: unsafe extern "C" fn(
         h: Handle,
@@ -252,17 +268,18 @@ pub struct TableV1 {
         err: *mut FfiError,
     ) -> i32,
     /// Fold the layer into the base.
-    pub move_down: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
+    pub move_down: SpecFn,
     /// Drop the layer.
-    pub discard: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
+    pub discard: SpecFn,
     /// Release without folding or discarding.
-    pub release: unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32,
-    /// `ok` = 1, or 0 with what is stale sent to `sink`.
+    pub release: SpecFn,
+    /// `code` = `HEALTH_OK`, `HEALTH_MOUNT_LOST` or `HEALTH_BROKEN`, with
+    /// the sentence as `TAG_TEXT`.
     pub health: unsafe extern "C" fn(
         h: Handle,
         spec: *const FfiSpec,
-        ok: *mut u32,
-        sink: Sink,
+        code: *mut u32,
+        sink: TaggedSink,
         ctx: *mut c_void,
         err: *mut FfiError,
     ) -> i32,
@@ -270,9 +287,28 @@ pub struct TableV1 {
     pub free_error: unsafe extern "C" fn(err: *mut FfiError),
 }
 
+/// A call on a session that returns only success or an error.
+pub type SpecFn = unsafe extern "C" fn(h: Handle, spec: *const FfiSpec, err: *mut FfiError) -> i32;
+
+/// A call on a session that returns tagged bytes.
+pub type SpecSinkFn = unsafe extern "C" fn(
+    h: Handle,
+    spec: *const FfiSpec,
+    sink: TaggedSink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32;
+
+/// `health` answer: intact.
+pub const HEALTH_OK: u32 = 0;
+/// `health` answer: [`Health::MountLost`].
+pub const HEALTH_MOUNT_LOST: u32 = 1;
+/// `health` answer: [`Health::Broken`].
+pub const HEALTH_BROKEN: u32 = 2;
+
 // SAFETY: the table is immutable static data: function pointers and a
 // pointer to a static name.
-unsafe impl Sync for TableV1 {}
+unsafe impl Sync for TableV2 {}
 
 /// The entry symbol of ABI version `v`.
 pub fn entry_symbol(v: u32) -> String {
@@ -282,76 +318,115 @@ pub fn entry_symbol(v: u32) -> String {
 // ---------------------------------------------------------------------------
 // Codes shared by both sides.
 
-const KINDS: [ErrorKind; 10] = [
-    ErrorKind::NotFound,
-    ErrorKind::InvalidInput,
-    ErrorKind::Config,
-    ErrorKind::Unsupported,
-    ErrorKind::Busy,
-    ErrorKind::AlreadyOpen,
-    ErrorKind::Corrupt,
-    ErrorKind::Permission,
-    ErrorKind::Io,
-    ErrorKind::Plugin,
-];
-
 /// Stable code of an [`ErrorKind`].
 pub fn kind_code(k: ErrorKind) -> u32 {
-    KINDS.iter().position(|x| *x == k).unwrap_or(9) as u32
+    match k {
+        ErrorKind::NotFound => 1,
+        ErrorKind::InvalidInput => 2,
+        ErrorKind::Config => 3,
+        ErrorKind::Unsupported => 4,
+        ErrorKind::Busy => 5,
+        ErrorKind::AlreadyOpen => 6,
+        ErrorKind::Corrupt => 7,
+        ErrorKind::Permission => 8,
+        ErrorKind::Io => 9,
+        ErrorKind::Plugin => 10,
+    }
 }
 
 /// The [`ErrorKind`] of a code (unknown codes: `Plugin`).
 pub fn kind_of(code: u32) -> ErrorKind {
-    KINDS
-        .get(code as usize)
-        .copied()
-        .unwrap_or(ErrorKind::Plugin)
+    match code {
+        1 => ErrorKind::NotFound,
+        2 => ErrorKind::InvalidInput,
+        3 => ErrorKind::Config,
+        4 => ErrorKind::Unsupported,
+        5 => ErrorKind::Busy,
+        6 => ErrorKind::AlreadyOpen,
+        7 => ErrorKind::Corrupt,
+        8 => ErrorKind::Permission,
+        9 => ErrorKind::Io,
+        _ => ErrorKind::Plugin,
+    }
 }
-
-const FILE_KINDS: [FileKind; 7] = [
-    FileKind::File,
-    FileKind::Dir,
-    FileKind::Symlink,
-    FileKind::CharDevice,
-    FileKind::BlockDevice,
-    FileKind::Fifo,
-    FileKind::Socket,
-];
 
 /// Stable code of a [`FileKind`].
 pub fn file_kind_code(k: FileKind) -> u32 {
-    FILE_KINDS.iter().position(|x| *x == k).unwrap_or(0) as u32
+    match k {
+        FileKind::File => 1,
+        FileKind::Dir => 2,
+        FileKind::Symlink => 3,
+        FileKind::CharDevice => 4,
+        FileKind::BlockDevice => 5,
+        FileKind::Fifo => 6,
+        FileKind::Socket => 7,
+    }
 }
 
-/// Capabilities as bits: 1 can_discard, 2 needs_root, 4 online_move_down,
-/// 8 rootless, 16 in_place, 32 records_ownership, 64 reserves_wh_names.
+/// The [`FileKind`] of a code.
+pub fn file_kind_of(code: u32) -> Option<FileKind> {
+    Some(match code {
+        1 => FileKind::File,
+        2 => FileKind::Dir,
+        3 => FileKind::Symlink,
+        4 => FileKind::CharDevice,
+        5 => FileKind::BlockDevice,
+        6 => FileKind::Fifo,
+        7 => FileKind::Socket,
+        _ => return None,
+    })
+}
+
+/// Capability bit: [`Capabilities::can_discard`].
+pub const CAP_CAN_DISCARD: u64 = 1 << 0;
+/// Capability bit: [`Capabilities::needs_root`].
+pub const CAP_NEEDS_ROOT: u64 = 1 << 1;
+/// Capability bit: [`Capabilities::online_move_down`].
+pub const CAP_ONLINE_MOVE_DOWN: u64 = 1 << 2;
+/// Capability bit: [`Capabilities::rootless`].
+pub const CAP_ROOTLESS: u64 = 1 << 3;
+/// Capability bit: [`Capabilities::in_place`].
+pub const CAP_IN_PLACE: u64 = 1 << 4;
+/// Capability bit: [`Capabilities::records_ownership`].
+pub const CAP_RECORDS_OWNERSHIP: u64 = 1 << 5;
+/// Capability bit: [`Capabilities::reserves_wh_names`].
+pub const CAP_RESERVES_WH_NAMES: u64 = 1 << 6;
+
+/// Capabilities as `CAP_*` bits.
 pub fn caps_to_bits(c: &Capabilities) -> u64 {
+    let Capabilities {
+        can_discard,
+        needs_root,
+        online_move_down,
+        rootless,
+        in_place,
+        records_ownership,
+        reserves_wh_names,
+    } = *c;
     [
-        c.can_discard,
-        c.needs_root,
-        c.online_move_down,
-        c.rootless,
-        c.in_place,
-        c.records_ownership,
-        c.reserves_wh_names,
+        (can_discard, CAP_CAN_DISCARD),
+        (needs_root, CAP_NEEDS_ROOT),
+        (online_move_down, CAP_ONLINE_MOVE_DOWN),
+        (rootless, CAP_ROOTLESS),
+        (in_place, CAP_IN_PLACE),
+        (records_ownership, CAP_RECORDS_OWNERSHIP),
+        (reserves_wh_names, CAP_RESERVES_WH_NAMES),
     ]
     .iter()
-    .enumerate()
-    .filter(|(_, on)| **on)
-    .fold(0, |acc, (i, _)| acc | (1 << i))
+    .filter(|(on, _)| *on)
+    .fold(0, |acc, (_, bit)| acc | bit)
 }
 
 /// The inverse of [`caps_to_bits`]; unknown bits are ignored.
 pub fn caps_from_bits(b: u64) -> Capabilities {
-    let bit = |i: u32| b & (1 << i) != 0;
     Capabilities {
-        can_discard: bit(0),
-        needs_root: bit(1),
-        online_move_down: bit(2),
-        rootless: bit(3),
-        in_place: bit(4),
-        records_ownership: bit(5),
-        reserves_wh_names: bit(6),
+        can_discard: b & CAP_CAN_DISCARD != 0,
+        needs_root: b & CAP_NEEDS_ROOT != 0,
+        online_move_down: b & CAP_ONLINE_MOVE_DOWN != 0,
+        rootless: b & CAP_ROOTLESS != 0,
+        in_place: b & CAP_IN_PLACE != 0,
+        records_ownership: b & CAP_RECORDS_OWNERSHIP != 0,
+        reserves_wh_names: b & CAP_RESERVES_WH_NAMES != 0,
     }
 }
 
@@ -438,10 +513,22 @@ unsafe fn spec_in(spec: *const FfiSpec) -> Result<SessionSpec> {
     let s = unsafe { &*spec };
     let package = String::from_utf8(unsafe { s.package.as_slice() }.to_vec())
         .map_err(|_| Error::new(ErrorKind::InvalidInput, "package name is not UTF-8"))?;
+    let state = unsafe { s.state.as_slice() };
+    let state = if state.is_empty() {
+        BackendState::default()
+    } else {
+        serde_json::from_slice(state).map_err(|e| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("the session state passed to the plugin is not readable: {e}"),
+            )
+        })?
+    };
     Ok(SessionSpec {
         package,
         base: path_of(unsafe { s.base.as_slice() }),
         dir: path_of(unsafe { s.dir.as_slice() }),
+        state,
     })
 }
 
@@ -462,9 +549,9 @@ unsafe fn backend<'a, T>(h: Handle) -> &'a T {
     unsafe { &*(h as *const T) }
 }
 
-fn send(sink: Sink, ctx: *mut c_void, b: &[u8]) {
+fn send(sink: TaggedSink, ctx: *mut c_void, tag: u32, b: &[u8]) {
     // SAFETY: the host's sink copies the bytes during the call.
-    unsafe { sink(ctx, Bytes::of(b)) }
+    unsafe { sink(ctx, tag, Bytes::of(b)) }
 }
 
 #[doc(hidden)]
@@ -508,42 +595,58 @@ pub unsafe extern "C" fn p_capabilities<T: PluginBackend>(
 #[doc(hidden)]
 pub unsafe extern "C" fn p_probe<T: PluginBackend>(
     h: Handle,
-    available: *mut u32,
-    sink: Sink,
+    code: *mut u32,
+    sink: TaggedSink,
     ctx: *mut c_void,
     err: *mut FfiError,
 ) -> i32 {
     guard(err, T::NAME, "probe", || {
-        let p = unsafe { backend::<T>(h) }.probe();
-        if let Some(r) = p.reason() {
-            send(sink, ctx, r.as_bytes());
-        }
-        unsafe { *available = u32::from(p.is_available()) };
+        let c = match unsafe { backend::<T>(h) }.probe() {
+            Probe::Available => 0,
+            Probe::Unavailable(u) => {
+                send(sink, ctx, TAG_TEXT, u.to_string().as_bytes());
+                u.code()
+            }
+        };
+        unsafe { *code = c };
         Ok(())
     })
 }
 
-macro_rules! plugin_path_call {
-    ($fn:ident, $method:ident) => {
-        #[doc(hidden)]
-        pub unsafe extern "C" fn $fn<T: PluginBackend>(
-            h: Handle,
-            spec: *const FfiSpec,
-            sink: Sink,
-            ctx: *mut c_void,
-            err: *mut FfiError,
-        ) -> i32 {
-            guard(err, T::NAME, stringify!($method), || {
-                let spec = unsafe { spec_in(spec) }?;
-                let path = unsafe { backend::<T>(h) }.$method(&spec)?;
-                send(sink, ctx, path.as_os_str().as_bytes());
-                Ok(())
-            })
-        }
-    };
+#[doc(hidden)]
+pub unsafe extern "C" fn p_begin<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    sink: TaggedSink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "begin", || {
+        let spec = unsafe { spec_in(spec) }?;
+        let begun = unsafe { backend::<T>(h) }.begin(&spec)?;
+        let state = serde_json::to_vec(&begun.state)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot encode state: {e}")))?;
+        send(sink, ctx, TAG_PATH, begun.merged.as_os_str().as_bytes());
+        send(sink, ctx, TAG_STATE, &state);
+        Ok(())
+    })
 }
-plugin_path_call!(p_begin, begin);
-plugin_path_call!(p_merged_path, merged_path);
+
+#[doc(hidden)]
+pub unsafe extern "C" fn p_content_root<T: PluginBackend>(
+    h: Handle,
+    spec: *const FfiSpec,
+    sink: TaggedSink,
+    ctx: *mut c_void,
+    err: *mut FfiError,
+) -> i32 {
+    guard(err, T::NAME, "content_root", || {
+        let spec = unsafe { spec_in(spec) }?;
+        let p = unsafe { backend::<T>(h) }.content_root(&spec);
+        send(sink, ctx, TAG_PATH, p.as_os_str().as_bytes());
+        Ok(())
+    })
+}
 
 #[doc(hidden)]
 pub unsafe extern "C" fn p_changes<T: PluginBackend>(
@@ -629,6 +732,8 @@ macro_rules! plugin_spec_call {
         }
     };
 }
+plugin_spec_call!(p_freeze, freeze);
+plugin_spec_call!(p_thaw, thaw);
 plugin_spec_call!(p_move_down, move_down);
 plugin_spec_call!(p_discard, discard);
 plugin_spec_call!(p_release, release);
@@ -637,20 +742,25 @@ plugin_spec_call!(p_release, release);
 pub unsafe extern "C" fn p_health<T: PluginBackend>(
     h: Handle,
     spec: *const FfiSpec,
-    ok: *mut u32,
-    sink: Sink,
+    code: *mut u32,
+    sink: TaggedSink,
     ctx: *mut c_void,
     err: *mut FfiError,
 ) -> i32 {
     guard(err, T::NAME, "health", || {
         let spec = unsafe { spec_in(spec) }?;
-        match unsafe { backend::<T>(h) }.health(&spec) {
-            Health::Ok => unsafe { *ok = 1 },
-            Health::Stale(why) => {
-                send(sink, ctx, why.as_bytes());
-                unsafe { *ok = 0 };
+        let c = match unsafe { backend::<T>(h) }.health(&spec) {
+            Health::Ok => HEALTH_OK,
+            Health::MountLost(why) => {
+                send(sink, ctx, TAG_TEXT, why.as_bytes());
+                HEALTH_MOUNT_LOST
             }
-        }
+            Health::Broken(why) => {
+                send(sink, ctx, TAG_TEXT, why.as_bytes());
+                HEALTH_BROKEN
+            }
+        };
+        unsafe { *code = c };
         Ok(())
     })
 }
@@ -674,17 +784,19 @@ pub unsafe extern "C" fn p_free_error(err: *mut FfiError) {
 }
 
 /// The table for `T` (used by [`export_backend!`](crate::export_backend)).
-pub const fn table_v1<T: PluginBackend>() -> TableV1 {
-    TableV1 {
-        abi_version: 1,
-        struct_size: std::mem::size_of::<TableV1>() as u32,
+pub const fn table_v2<T: PluginBackend>() -> TableV2 {
+    TableV2 {
+        abi_version: 2,
+        struct_size: std::mem::size_of::<TableV2>() as u32,
         name: Bytes::of(T::NAME.as_bytes()),
         create: p_create::<T>,
         destroy: p_destroy::<T>,
         capabilities: p_capabilities::<T>,
         probe: p_probe::<T>,
         begin: p_begin::<T>,
-        merged_path: p_merged_path::<T>,
+        freeze: p_freeze::<T>,
+        thaw: p_thaw::<T>,
+        content_root: p_content_root::<T>,
         changes: p_changes::<T>,
         move_down: p_move_down::<T>,
         discard: p_discard::<T>,
@@ -696,16 +808,16 @@ pub const fn table_v1<T: PluginBackend>() -> TableV1 {
 
 /// Export a [`PluginBackend`] from a `cdylib` crate as a layerpack plugin:
 /// `layerpack_core::export_backend!(MyBackend);` at the crate's top level.
-/// It defines the entry symbol `layerpack_backend_v1`; the plugin author
+/// It defines the entry symbol `layerpack_backend_v2`; the plugin author
 /// writes no `unsafe`.
 #[macro_export]
 macro_rules! export_backend {
     ($ty:ty) => {
-        /// Entry point of the layerpack backend plugin (ABI version 1).
+        /// Entry point of the layerpack backend plugin (ABI version 2).
         #[allow(unsafe_code)]
         #[no_mangle]
-        pub extern "C" fn layerpack_backend_v1() -> *const $crate::plugin::TableV1 {
-            static TABLE: $crate::plugin::TableV1 = $crate::plugin::table_v1::<$ty>();
+        pub extern "C" fn layerpack_backend_v2() -> *const $crate::plugin::TableV2 {
+            static TABLE: $crate::plugin::TableV2 = $crate::plugin::table_v2::<$ty>();
             &TABLE
         }
     };
@@ -723,7 +835,7 @@ pub struct PluginLibrary {
     pub abi: u32,
     /// Backend name it exports.
     pub name: &'static str,
-    table: &'static TableV1,
+    table: &'static TableV2,
 }
 
 fn plugin_error(path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -778,7 +890,7 @@ fn loaded() -> &'static Mutex<HashMap<PathBuf, PluginLibrary>> {
     LOADED.get_or_init(Default::default)
 }
 
-type Entry = unsafe extern "C" fn() -> *const TableV1;
+type Entry = unsafe extern "C" fn() -> *const TableV2;
 
 /// Load the plugin at `path` (once per process; later calls return the
 /// same library).
@@ -841,7 +953,7 @@ pub fn load(path: &Path) -> Result<PluginLibrary> {
             format!("{} returned a table for ABI {version}", entry_symbol(abi)),
         ));
     }
-    let need = std::mem::size_of::<TableV1>() as u32;
+    let need = std::mem::size_of::<TableV2>() as u32;
     if size < need {
         return Err(plugin_error(
             &canonical,
@@ -849,8 +961,8 @@ pub fn load(path: &Path) -> Result<PluginLibrary> {
         ));
     }
     // SAFETY: the table is static in a library that is never unloaded and
-    // holds at least the fields of TableV1.
-    let table: &'static TableV1 = unsafe { &*table };
+    // holds at least the fields of TableV2.
+    let table: &'static TableV2 = unsafe { &*table };
     let name_bytes = unsafe { table.name.as_slice() };
     let name = std::str::from_utf8(name_bytes)
         .ok()
@@ -908,11 +1020,26 @@ unsafe impl Send for DynBackend {}
 // SAFETY: as above.
 unsafe impl Sync for DynBackend {}
 
-unsafe extern "C" fn collect_bytes(ctx: *mut c_void, b: Bytes) {
-    // SAFETY: `ctx` is the `Vec<u8>` passed with this sink; `b` is valid
+/// What a [`TaggedSink`] received, by tag.
+#[derive(Default)]
+struct Tagged {
+    parts: HashMap<u32, Vec<u8>>,
+}
+
+impl Tagged {
+    fn take(&mut self, tag: u32) -> Vec<u8> {
+        self.parts.remove(&tag).unwrap_or_default()
+    }
+}
+
+unsafe extern "C" fn collect_tagged(ctx: *mut c_void, tag: u32, b: Bytes) {
+    // SAFETY: `ctx` is the `Tagged` passed with this sink; `b` is valid
     // for the call.
-    let out = unsafe { &mut *(ctx as *mut Vec<u8>) };
-    out.extend_from_slice(unsafe { b.as_slice() });
+    let out = unsafe { &mut *(ctx as *mut Tagged) };
+    out.parts
+        .entry(tag)
+        .or_default()
+        .extend_from_slice(unsafe { b.as_slice() });
 }
 
 struct ChangeCollector {
@@ -944,8 +1071,7 @@ fn change_in(c: &FfiChange) -> std::result::Result<Change, String> {
         3 => ChangeKind::Deleted,
         n => return Err(format!("unknown change code {n}")),
     };
-    let file_kind = *FILE_KINDS
-        .get(c.file_kind as usize)
+    let file_kind = file_kind_of(c.file_kind)
         .ok_or_else(|| format!("unknown file kind code {}", c.file_kind))?;
     let mut meta = Meta::new(file_kind, c.mode);
     meta.uid = c.uid;
@@ -994,6 +1120,7 @@ struct SpecBuf {
     package: Vec<u8>,
     base: Vec<u8>,
     dir: Vec<u8>,
+    state: Vec<u8>,
 }
 
 impl SpecBuf {
@@ -1002,6 +1129,7 @@ impl SpecBuf {
             package: s.package.as_bytes().to_vec(),
             base: s.base.as_os_str().as_bytes().to_vec(),
             dir: s.dir.as_os_str().as_bytes().to_vec(),
+            state: serde_json::to_vec(&s.state).unwrap_or_default(),
         }
     }
 
@@ -1010,6 +1138,7 @@ impl SpecBuf {
             package: Bytes::of(&self.package),
             base: Bytes::of(&self.base),
             dir: Bytes::of(&self.dir),
+            state: Bytes::of(&self.state),
         }
     }
 }
@@ -1055,45 +1184,40 @@ impl DynBackend {
         self.lib
     }
 
-    fn path_call(
-        &self,
-        spec: &SessionSpec,
-        f: unsafe extern "C" fn(Handle, *const FfiSpec, Sink, *mut c_void, *mut FfiError) -> i32,
-    ) -> Result<PathBuf> {
+    /// Call a function that answers with tagged bytes.
+    fn tagged_call(&self, spec: &SessionSpec, f: SpecSinkFn) -> Result<Tagged> {
         let buf = SpecBuf::new(spec);
         let fs = buf.ffi();
-        let mut out: Vec<u8> = Vec::new();
+        let mut out = Tagged::default();
         call(self.lib, |err| unsafe {
             f(
                 self.handle,
                 &fs,
-                collect_bytes,
-                &mut out as *mut Vec<u8> as *mut c_void,
+                collect_tagged,
+                &mut out as *mut Tagged as *mut c_void,
                 err,
             )
         })?;
-        Ok(path_of(&out))
+        Ok(out)
     }
 
-    /// Call a function that answers yes (1) or no with a reason sent to
-    /// the byte sink: `None` for yes, the reason for no.
-    fn yes_or_why(
+    /// Call a function that answers a code and, with it, a sentence.
+    fn code_call(
         &self,
         f: impl FnOnce(*mut u32, *mut c_void, *mut FfiError) -> i32,
-    ) -> Result<Option<String>> {
-        let mut yes = 0u32;
-        let mut why: Vec<u8> = Vec::new();
+    ) -> Result<(u32, String)> {
+        let mut code = 0u32;
+        let mut out = Tagged::default();
         call(self.lib, |err| {
-            f(&mut yes, &mut why as *mut Vec<u8> as *mut c_void, err)
+            f(&mut code, &mut out as *mut Tagged as *mut c_void, err)
         })?;
-        Ok((yes != 1).then(|| String::from_utf8_lossy(&why).into_owned()))
+        Ok((
+            code,
+            String::from_utf8_lossy(&out.take(TAG_TEXT)).into_owned(),
+        ))
     }
 
-    fn spec_call(
-        &self,
-        spec: &SessionSpec,
-        f: unsafe extern "C" fn(Handle, *const FfiSpec, *mut FfiError) -> i32,
-    ) -> Result<()> {
+    fn spec_call(&self, spec: &SessionSpec, f: SpecFn) -> Result<()> {
         let buf = SpecBuf::new(spec);
         let fs = buf.ffi();
         call(self.lib, |err| unsafe { f(self.handle, &fs, err) })
@@ -1139,22 +1263,45 @@ impl LayerBackend for DynBackend {
     }
 
     fn probe(&self) -> Probe {
-        let answer = self.yes_or_why(|yes, ctx, err| unsafe {
-            (self.lib.table.probe)(self.handle, yes, collect_bytes, ctx, err)
+        let answer = self.code_call(|code, ctx, err| unsafe {
+            (self.lib.table.probe)(self.handle, code, collect_tagged, ctx, err)
         });
         match answer {
-            Ok(None) => Probe::Available,
-            Ok(Some(why)) => Probe::Unavailable(why),
-            Err(e) => Probe::Unavailable(e.to_string()),
+            Ok((0, _)) => Probe::Available,
+            Ok((code, why)) => Probe::Unavailable(unavailable_of(code, why)),
+            Err(e) => Probe::Unavailable(Unavailable::Other(e.to_string())),
         }
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        self.path_call(spec, self.lib.table.begin)
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
+        let mut out = self.tagged_call(spec, self.lib.table.begin)?;
+        let state = out.take(TAG_STATE);
+        let state = serde_json::from_slice(&state).map_err(|e| {
+            plugin_error(
+                self.lib.path,
+                format!("begin returned an unreadable state: {e}"),
+            )
+        })?;
+        Ok(Begun {
+            merged: path_of(&out.take(TAG_PATH)),
+            state,
+        })
     }
 
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        self.path_call(spec, self.lib.table.merged_path)
+    fn freeze(&self, spec: &SessionSpec) -> Result<()> {
+        self.spec_call(spec, self.lib.table.freeze)
+    }
+
+    fn thaw(&self, spec: &SessionSpec) -> Result<()> {
+        self.spec_call(spec, self.lib.table.thaw)
+    }
+
+    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+        match self.tagged_call(spec, self.lib.table.content_root) {
+            Ok(mut t) => path_of(&t.take(TAG_PATH)),
+            // A plugin that cannot say has its entries in the base.
+            Err(_) => spec.base.clone(),
+        }
     }
 
     fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet> {
@@ -1196,14 +1343,24 @@ impl LayerBackend for DynBackend {
     fn health(&self, spec: &SessionSpec) -> Health {
         let buf = SpecBuf::new(spec);
         let fs = buf.ffi();
-        let answer = self.yes_or_why(|yes, ctx, err| unsafe {
-            (self.lib.table.health)(self.handle, &fs, yes, collect_bytes, ctx, err)
+        let answer = self.code_call(|code, ctx, err| unsafe {
+            (self.lib.table.health)(self.handle, &fs, code, collect_tagged, ctx, err)
         });
         match answer {
-            Ok(None) => Health::Ok,
-            Ok(Some(why)) => Health::Stale(why),
-            Err(e) => Health::Stale(e.to_string()),
+            Ok((HEALTH_OK, _)) => Health::Ok,
+            Ok((HEALTH_MOUNT_LOST, why)) => Health::MountLost(why),
+            Ok((_, why)) => Health::Broken(why),
+            Err(e) => Health::Broken(e.to_string()),
         }
+    }
+}
+
+/// The [`Unavailable`] a plugin answered with `code` and sentence `why`:
+/// the sentence is kept as the plugin wrote it.
+fn unavailable_of(code: u32, why: String) -> Unavailable {
+    match code {
+        4 => Unavailable::NotImplemented,
+        _ => Unavailable::Other(why),
     }
 }
 
@@ -1213,8 +1370,16 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for k in KINDS {
-            assert_eq!(kind_of(kind_code(k)), k);
+        for code in 0..20 {
+            let k = kind_of(code);
+            if code != 0 && code <= 10 {
+                assert_eq!(kind_code(k), code);
+            } else {
+                assert_eq!(k, ErrorKind::Plugin);
+            }
+        }
+        for code in 1..=7 {
+            assert_eq!(file_kind_code(file_kind_of(code).unwrap()), code);
         }
         assert_eq!(kind_of(999), ErrorKind::Plugin);
         let all = Capabilities {
@@ -1232,7 +1397,7 @@ mod tests {
 
     #[test]
     fn table_starts_with_version_and_size() {
-        assert_eq!(std::mem::offset_of!(TableV1, abi_version), 0);
-        assert_eq!(std::mem::offset_of!(TableV1, struct_size), 4);
+        assert_eq!(std::mem::offset_of!(TableV2, abi_version), 0);
+        assert_eq!(std::mem::offset_of!(TableV2, struct_size), 4);
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::backend::{Capabilities, ChangeOptions, LayerBackend, SessionSpec};
-use crate::model::{ChangeKind, ChangeSet, FileKind, RelPath};
+use crate::model::{ChangeSet, FileKind, RelPath};
 use crate::tree::{hash_file, ScanOptions, TreeScan};
 
 /// How a scenario ends.
@@ -77,21 +77,71 @@ impl Scenario {
     }
 
     /// Why this scenario cannot run with this backend here, if it cannot.
-    pub fn skip_reason(&self, caps: &Capabilities, work: &Path) -> Option<String> {
+    pub fn skip_reason(&self, caps: &Capabilities, work: &Path) -> Option<Skip> {
         if self.needs.root && !nix::unistd::geteuid().is_root() {
-            return Some("needs root (chown/mknod)".into());
+            return Some(Skip::NeedsRoot);
         }
         if self.needs.user_xattrs && !supports_user_xattrs(work) {
-            return Some(format!("{} does not take user.* xattrs", work.display()));
+            return Some(Skip::NoUserXattrs(work.to_path_buf()));
         }
         match self.end {
-            End::Discard if !caps.can_discard => Some(
-                "this backend cannot discard a layer (the install writes into the base)".into(),
-            ),
-            End::Keep if caps.can_discard => {
-                Some("this backend discards failed installs (see the discard variant)".into())
-            }
+            End::Discard if !caps.can_discard => Some(Skip::CannotDiscard),
+            End::Keep if caps.can_discard => Some(Skip::DiscardsInstead),
             _ => None,
+        }
+    }
+}
+
+/// Why a scenario does not run. The same type everywhere: the matrix,
+/// `layerpack selftest` and the test kit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// It needs real root (chown, mknod) and this process is not.
+    NeedsRoot,
+    /// The scratch filesystem takes no `user.*` xattrs (tmpfs before 6.6).
+    NoUserXattrs(PathBuf),
+    /// The backend cannot discard (it is the discard variant).
+    CannotDiscard,
+    /// The backend discards failed installs (it is the keep variant).
+    DiscardsInstead,
+    /// Anything a caller adds (e.g. `selftest` in a user namespace).
+    Other(String),
+}
+
+impl Skip {
+    /// True when the machine decides it, not the backend: such a skip of a
+    /// required backend is a failure only when `LAYERPACK_REQUIRE` names
+    /// [`Skip::requirement`] too.
+    pub fn environmental(&self) -> bool {
+        matches!(
+            self,
+            Skip::NeedsRoot | Skip::NoUserXattrs(_) | Skip::Other(_)
+        )
+    }
+
+    /// The word of `LAYERPACK_REQUIRE` that makes this environment
+    /// mandatory: `root`, `user-xattrs`.
+    pub fn requirement(&self) -> Option<&'static str> {
+        match self {
+            Skip::NeedsRoot => Some("root"),
+            Skip::NoUserXattrs(_) => Some("user-xattrs"),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::NeedsRoot => f.write_str("needs root (chown/mknod)"),
+            Skip::NoUserXattrs(d) => write!(f, "{} does not take user.* xattrs", d.display()),
+            Skip::CannotDiscard => f.write_str(
+                "this backend cannot discard a layer (the install writes into the base)",
+            ),
+            Skip::DiscardsInstead => {
+                f.write_str("this backend discards failed installs (see the discard variant)")
+            }
+            Skip::Other(s) => f.write_str(s),
         }
     }
 }
@@ -888,10 +938,11 @@ pub fn run(backend: &dyn LayerBackend, sc: &Scenario, parent: &Path) -> Result<(
         backdate(dir).map_err(|e| format!("setup: {e}"))?;
     }
     let base = fs::canonicalize(&base).map_err(|e| e.to_string())?;
-    let spec = SessionSpec {
+    let mut spec = SessionSpec {
         package: sc.test_name().replace('_', "-"),
         base: base.clone(),
         dir: work.root.join("session"),
+        state: Default::default(),
     };
     fs::create_dir(&spec.dir).map_err(|e| e.to_string())?;
     if sc.needs.wh_names && backend.capabilities().reserves_wh_names {
@@ -902,21 +953,19 @@ pub fn run(backend: &dyn LayerBackend, sc: &Scenario, parent: &Path) -> Result<(
             Err(e) => Err(format!(
                 "begin refused the root, but without naming the .wh. path: {e}"
             )),
-            Ok(_) => {
-                let _ = backend.discard(&spec);
+            Ok(begun) => {
+                spec.state = begun.state;
+                let _ = crate::backend::abandon(backend, &spec);
                 Err("begin accepted a root holding .wh. names, which this backend reserves".into())
             }
         };
     }
-    let merged = backend.begin(&spec).map_err(|e| format!("begin: {e}"))?;
-    let result = run_open(backend, sc, &spec, &merged, &reference);
+    let begun = backend.begin(&spec).map_err(|e| format!("begin: {e}"))?;
+    spec.state = begun.state;
+    let result = run_open(backend, sc, &spec, &begun.merged, &reference);
     if result.is_err() {
         // Never leave a mount or a half-open layer behind.
-        let _ = if backend.capabilities().can_discard {
-            backend.discard(&spec)
-        } else {
-            backend.release(&spec)
-        };
+        let _ = crate::backend::abandon(backend, &spec);
         return result;
     }
     match sc.end {
@@ -924,7 +973,8 @@ pub fn run(backend: &dyn LayerBackend, sc: &Scenario, parent: &Path) -> Result<(
             compare_trees(&reference, &base).map_err(|e| format!("after move-down: {e}"))
         }
         End::Discard => compare_trees(&original, &base).map_err(|e| format!("after discard: {e}")),
-        End::Keep => Ok(()),
+        // Kept and released: what the install wrote stays, nothing else.
+        End::Keep => compare_trees(&reference, &base).map_err(|e| format!("after keep: {e}")),
     }
 }
 
@@ -937,21 +987,39 @@ fn run_open(
 ) -> Result<(), String> {
     (sc.act)(merged).map_err(|e| format!("actions through {}: {e}", merged.display()))?;
     (sc.act)(reference).map_err(|e| format!("actions on the reference: {e}"))?;
+    // As `final` does: nothing can change the layer while it is read.
+    backend.freeze(spec).map_err(|e| format!("freeze: {e}"))?;
     let cs = backend
         .changes(spec, &ChangeOptions::default())
         .map_err(|e| format!("changes: {e}"))?;
     check_expectation(sc, &cs)?;
+    check_content_root(backend, spec, &cs)?;
     let again = backend
         .changes(spec, &ChangeOptions { hash_all: true })
         .map_err(|e| format!("changes (hash all): {e}"))?;
-    let kinds = |c: &ChangeSet| -> Vec<(RelPath, ChangeKind)> {
-        c.changes()
+    if again.changes() != cs.changes() {
+        let differ: Vec<String> = cs
+            .changes()
             .iter()
-            .map(|c| (c.path.clone(), c.kind))
-            .collect()
-    };
-    if kinds(&again).len() != kinds(&cs).len() {
-        return Err("reading the layer twice gave different results".into());
+            .zip(again.changes())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| {
+                format!(
+                    "{} {} vs {} {}",
+                    a.kind.symbol(),
+                    a.path,
+                    b.kind.symbol(),
+                    b.path
+                )
+            })
+            .take(5)
+            .collect();
+        return Err(format!(
+            "reading the layer twice gave different results ({} vs {} changes): {}",
+            cs.len(),
+            again.len(),
+            differ.join("; ")
+        ));
     }
     match sc.end {
         End::MoveDown => backend
@@ -960,6 +1028,32 @@ fn run_open(
         End::Discard => backend.discard(spec).map_err(|e| format!("discard: {e}")),
         End::Keep => backend.release(spec).map_err(|e| format!("release: {e}")),
     }
+}
+
+/// Every present entry of the change set can be read at the backend's
+/// content root with the type and (for files) the bytes it reports.
+fn check_content_root(
+    backend: &dyn LayerBackend,
+    spec: &SessionSpec,
+    cs: &ChangeSet,
+) -> Result<(), String> {
+    let root = backend.content_root(spec);
+    for c in cs.present() {
+        let abs = c.path.under(&root);
+        let md = fs::symlink_metadata(&abs)
+            .map_err(|e| format!("content root: {} unreadable: {e}", abs.display()))?;
+        let kind = FileKind::from_mode(std::os::unix::fs::MetadataExt::mode(&md));
+        if kind != Some(c.meta.kind) {
+            return Err(format!("content root: {} has another type", c.path));
+        }
+        if c.meta.kind == FileKind::File
+            && c.meta.sha256.is_some()
+            && hash_file(&abs).ok() != c.meta.sha256
+        {
+            return Err(format!("content root: {} has other bytes", c.path));
+        }
+    }
+    Ok(())
 }
 
 /// Build, under `root`, a base and an upper branch laid out the way aufs

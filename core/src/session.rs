@@ -12,10 +12,13 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::SessionSpec;
+use crate::roots::Place;
 use crate::{Error, ErrorKind, Result};
 
 /// Version of `session.json`.
-pub const SESSION_FORMAT: u32 = 1;
+/// Version 2 holds the backend's typed state (`backend_state`); version 1
+/// kept it in files of the backend's own.
+pub const SESSION_FORMAT: u32 = 2;
 
 /// Where a session is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +28,9 @@ pub enum Phase {
     Starting,
     /// Open: the install may write.
     Open,
+    /// `final` made the merged view unwritable and is reading the layer
+    /// and writing outputs; running `final` again finishes.
+    Frozen,
     /// Outputs are written; the layer is being folded into the base.
     MovingDown,
     /// The layer is being dropped.
@@ -37,6 +43,7 @@ impl Phase {
         match self {
             Phase::Starting => "starting",
             Phase::Open => "open",
+            Phase::Frozen => "frozen",
             Phase::MovingDown => "moving-down",
             Phase::Discarding => "discarding",
         }
@@ -66,6 +73,9 @@ pub struct SessionFile {
     pub version: Option<String>,
     /// Seconds since the epoch when `init` ran.
     pub created: u64,
+    /// What the backend's `begin` recorded.
+    #[serde(default)]
+    pub backend_state: crate::backend::BackendState,
 }
 
 /// Check a package name: it becomes a directory name and a file name, so
@@ -148,24 +158,36 @@ impl StateDir {
     }
 
     /// Refuse a base that contains the state directory (the install and the
-    /// scan would see our own files) or lies inside it.
-    pub fn check_outside(&self, base: &Path) -> Result<()> {
-        if self.root.starts_with(base) {
+    /// scan would see our own files) or lies inside it, compared by where
+    /// they lie ([`Place`]), so a bind mount or another path to the same
+    /// directory is caught too.
+    pub fn check_outside(&self, base: &Place) -> Result<()> {
+        let mut existing = self.root.as_path();
+        while !existing.exists() {
+            match existing.parent() {
+                Some(p) => existing = p,
+                None => return Ok(()),
+            }
+        }
+        // A state directory not made yet lies where its nearest existing
+        // ancestor lies.
+        let state = Place::of(existing)?;
+        if state.inside(base) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
                     "the state directory {} is inside the root {}; set --state-dir, LAYERPACK_STATE_DIR or state_dir in layerpack.toml to a directory outside the root",
                     self.root.display(),
-                    base.display()
+                    base.path.display()
                 ),
             ));
         }
-        if base.starts_with(&self.root) {
+        if existing == self.root && base.inside(&state) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
                     "the root {} is inside the state directory {}",
-                    base.display(),
+                    base.path.display(),
                     self.root.display()
                 ),
             ));
@@ -188,6 +210,7 @@ impl StateDir {
             package: s.package.clone(),
             base: s.base.clone(),
             dir: self.session_dir(&s.package).join("backend"),
+            state: s.backend_state.clone(),
         }
     }
 
@@ -255,6 +278,16 @@ impl StateDir {
             .with_path(&path)
         })?;
         if s.format != SESSION_FORMAT || s.package != pkg {
+            if s.format < SESSION_FORMAT {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "session file has format {}, written by an older layerpack; finish it with that version, or run `layerpack abort {pkg}`",
+                        s.format
+                    ),
+                )
+                .with_path(&path));
+            }
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -294,14 +327,20 @@ impl StateDir {
             .map_err(|e| Error::io(&b, "cannot create session directory", e))
     }
 
-    /// Remove `pkg`'s session entirely.
+    /// Remove `pkg`'s session entirely. Never crosses a mount point: a
+    /// mount left inside the session (a bind mount of the base) makes this
+    /// an error, and nothing below that mount is touched.
     pub fn remove(&self, pkg: &str) -> Result<()> {
-        let dir = self.session_dir(pkg);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&dir, "cannot remove session directory", e)),
-        }
+        let sessions = self.root.join("sessions");
+        let b = match crate::beneath::Beneath::open(&sessions) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let rel = crate::model::RelPath::parse_for(pkg.as_bytes(), "package")?;
+        b.remove(&rel, crate::beneath::Follow::Nothing)
+            .map(|_| ())
+            .map_err(|e| e.context(format!("cannot remove the session of '{pkg}'")))
     }
 
     /// Every session directory: its package name and what loading it gave.

@@ -98,7 +98,8 @@ pub trait Sys: Send + Sync {
     fn umount(&self, target: &Path) -> io::Result<()>;
 
     /// Whether something of `fstype` (any, if `None`) is mounted at `target`.
-    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool;
+    /// An unreadable or malformed mount table is an error, never "no".
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> io::Result<bool>;
 
     /// Open `path` read-only without following a final symlink and without
     /// blocking (a fifo that appeared there is never waited on), then
@@ -109,8 +110,27 @@ pub trait Sys: Send + Sync {
 /// The real calls (Linux).
 pub struct RealSys;
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
+/// One line of `/proc/self/mountinfo`, as bytes (octal escapes decoded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Mount ID.
+    pub id: u64,
+    /// Device of the filesystem (`major:minor`).
+    pub dev: (u32, u32),
+    /// The directory of the filesystem that is mounted (`/` unless a bind
+    /// mount of a subdirectory).
+    pub root: Vec<u8>,
+    /// Where it is mounted.
+    pub mount_point: Vec<u8>,
+    /// Filesystem type (`overlay`, `fuse.layerpack`, …).
+    pub fstype: Vec<u8>,
+    /// Mount source.
+    pub source: Vec<u8>,
+    /// Per-superblock options (overlay's `upperdir=…` is here).
+    pub super_options: Vec<u8>,
+}
+
+fn unescape_mountinfo(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -125,22 +145,62 @@ fn unescape_mountinfo(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+/// Parse mountinfo text. A line that does not have the documented fields
+/// is an error, never skipped: a mount check must fail closed.
+pub fn parse_mountinfo(text: &[u8]) -> io::Result<Vec<MountInfo>> {
+    let bad = |n: usize, why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/self/mountinfo line {n}: {why}"),
+        )
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+        let sep = f
+            .iter()
+            .position(|x| *x == b"-")
+            .filter(|&p| p >= 6 && f.len() >= p + 4)
+            .ok_or_else(|| bad(i + 1, "no ' - ' separator with three fields after it"))?;
+        let num = |x: &[u8]| -> Option<u64> { std::str::from_utf8(x).ok()?.parse().ok() };
+        let id = num(f[0]).ok_or_else(|| bad(i + 1, "bad mount id"))?;
+        let dev = std::str::from_utf8(f[2])
+            .ok()
+            .and_then(|d| d.split_once(':'))
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| bad(i + 1, "bad major:minor"))?;
+        out.push(MountInfo {
+            id,
+            dev,
+            root: unescape_mountinfo(f[3]),
+            mount_point: unescape_mountinfo(f[4]),
+            fstype: unescape_mountinfo(f[sep + 1]),
+            source: unescape_mountinfo(f[sep + 2]),
+            super_options: unescape_mountinfo(f[sep + 3]),
+        });
+    }
+    Ok(out)
+}
+
+/// This process's mounts.
+pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
+    parse_mountinfo(&std::fs::read("/proc/self/mountinfo")?)
 }
 
 /// Is something (of `fstype`) mounted at `target`, per mountinfo `text`.
-pub fn mountinfo_has(text: &str, target: &Path, fstype: Option<&str>) -> bool {
-    let want = target.to_string_lossy();
-    text.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let ty = f
-            .iter()
-            .position(|x| *x == "-")
-            .and_then(|i| f.get(i + 1))
-            .copied();
-        f.get(4).is_some_and(|mp| unescape_mountinfo(mp) == want)
-            && fstype.is_none_or(|t| ty == Some(t))
-    })
+/// Paths compare as bytes; a malformed mountinfo is an error.
+pub fn mountinfo_has(text: &[u8], target: &Path, fstype: Option<&str>) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = target.as_os_str().as_bytes();
+    Ok(parse_mountinfo(text)?
+        .iter()
+        .any(|m| m.mount_point == want && fstype.is_none_or(|t| m.fstype == t.as_bytes())))
 }
 
 impl Sys for RealSys {
@@ -167,9 +227,8 @@ impl Sys for RealSys {
         nix::mount::umount2(target, nix::mount::MntFlags::empty()).map_err(io::Error::from)
     }
 
-    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .is_ok_and(|t| mountinfo_has(&t, target, fstype))
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> io::Result<bool> {
+        mountinfo_has(&std::fs::read("/proc/self/mountinfo")?, target, fstype)
     }
 
     #[allow(unsafe_code)]
@@ -299,12 +358,13 @@ impl Sys for FakeSys {
         }
     }
 
-    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> bool {
-        self.mounted
+    fn is_mounted(&self, target: &Path, fstype: Option<&str>) -> io::Result<bool> {
+        Ok(self
+            .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|(t, ty)| t == target && fstype.is_none_or(|f| ty.as_deref() == Some(f)))
+            .any(|(t, ty)| t == target && fstype.is_none_or(|f| ty.as_deref() == Some(f))))
     }
 
     fn ioctl(&self, path: &Path, request: u64, arg: &mut [u8]) -> io::Result<()> {
@@ -325,12 +385,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_lines_are_matched_with_escapes_and_type() {
-        let text = "36 25 0:32 / /a\\040b rw,relatime shared:1 - overlay overlay rw,lowerdir=/x\n";
-        assert!(mountinfo_has(text, Path::new("/a b"), Some("overlay")));
-        assert!(mountinfo_has(text, Path::new("/a b"), None));
-        assert!(!mountinfo_has(text, Path::new("/a b"), Some("ext4")));
-        assert!(!mountinfo_has(text, Path::new("/a"), None));
+    fn mountinfo_lines_are_matched_as_bytes_with_escapes_and_type() {
+        let text = b"36 25 0:32 / /a\\040b rw,relatime shared:1 - overlay overlay rw,lowerdir=/x\n\
+                     37 25 8:1 /sub /n\\303\\277\\377 rw - ext4 /dev/sda1 rw\n";
+        let has = |p: &[u8], t| {
+            use std::os::unix::ffi::OsStrExt;
+            mountinfo_has(text, Path::new(std::ffi::OsStr::from_bytes(p)), t).unwrap()
+        };
+        assert!(has(b"/a b", Some("overlay")));
+        assert!(has(b"/a b", None));
+        assert!(!has(b"/a b", Some("ext4")));
+        assert!(!has(b"/a", None));
+        // Not UTF-8: compared byte for byte, not lossily.
+        assert!(has(b"/n\xc3\xbf\xff", Some("ext4")));
+        assert!(!has("/n\u{ff}\u{fffd}".as_bytes(), None));
+        let m = parse_mountinfo(text).unwrap();
+        assert_eq!((m[1].dev, &m[1].root[..]), ((8, 1), &b"/sub"[..]));
+    }
+
+    #[test]
+    fn malformed_mountinfo_is_an_error_not_unmounted() {
+        for bad in [
+            &b"36 25 0:32 / /m rw\n"[..],
+            b"x 25 0:32 / /m rw - overlay o rw\n",
+        ] {
+            assert!(mountinfo_has(bad, Path::new("/m"), None).is_err());
+        }
     }
 
     #[test]
@@ -345,7 +425,7 @@ mod tests {
             Some("o"),
         )
         .unwrap();
-        assert!(f.is_mounted(Path::new("/m"), Some("overlay")));
+        assert!(f.is_mounted(Path::new("/m"), Some("overlay")).unwrap());
         assert_eq!(
             f.umount(Path::new("/m")).unwrap_err().raw_os_error(),
             Some(libc::EBUSY)

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::LayerBackend;
 use crate::config::BackendConfig;
 use crate::registry::Registry;
+pub use crate::scenarios::Skip;
 use crate::scenarios::{self, Scenario};
 use crate::Result;
 
@@ -27,7 +28,7 @@ pub enum Outcome {
     /// What went wrong.
     Fail(String),
     /// Why it could not run here.
-    Skip(String),
+    Skip(Skip),
 }
 
 /// One scenario's result.
@@ -111,7 +112,7 @@ impl SuiteReport {
 pub fn run_suite(
     backend: &dyn LayerBackend,
     work: &Path,
-    extra_skip: impl Fn(&Scenario) -> Option<String>,
+    extra_skip: impl Fn(&Scenario) -> Option<Skip>,
     mut on_result: impl FnMut(&ScenarioResult),
 ) -> SuiteReport {
     let mut report = SuiteReport {

@@ -1,21 +1,46 @@
 //! What the union-filesystem backends (overlayfs, aufs) share: the layout
-//! of their session directory, the in-place bind mount of the root,
-//! unmounting, the same-filesystem check, cleanup and health.
+//! of their session directory, their typed session state, the in-place
+//! bind mount of the root, freezing (unmounting before the layer is read),
+//! the same-filesystem check, cleanup and health.
 //!
 //! Session layout: `upper/` (the layer), `merged/` (where the install
 //! writes) or, in place, `lower/` (a private bind mount of the root, so
 //! the root stays readable once the union covers it, from any later
-//! process), and `mode`, fixed at `begin`: first line `in-place` or
-//! `merged`, then one flag per line (e.g. `userxattr`). A later config
-//! cannot change how an open session was mounted.
+//! process). How the session was mounted is fixed at `begin` in a
+//! [`UnionState`] that core keeps in `session.json`: a later config cannot
+//! change it, and a missing or unreadable state is an error, never a guess.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Health, SessionSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendState, Health, SessionSpec};
 use crate::sys::{MountFlags, Sys};
 use crate::{Error, ErrorKind, Result};
+
+/// Version of [`UnionState`].
+pub const UNION_STATE_VERSION: u32 = 1;
+
+/// How a union session was mounted, recorded by `begin`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnionState {
+    /// Mounted on the root itself (else on `merged/`).
+    pub in_place: bool,
+    /// Mount flags the layer depends on (e.g. `userxattr`).
+    pub flags: Vec<String>,
+    /// The option string of the union mount, to mount it again (`thaw`).
+    pub options: String,
+}
+
+impl UnionState {
+    /// As a [`BackendState`].
+    pub fn encode(&self) -> Result<BackendState> {
+        BackendState::encode(UNION_STATE_VERSION, self)
+    }
+}
 
 /// One union session, seen through the syscalls in `sys`.
 pub struct UnionSession<'a> {
@@ -43,32 +68,35 @@ impl UnionSession<'_> {
         self.spec.dir.join("lower")
     }
 
-    fn mode(&self) -> String {
-        fs::read_to_string(self.spec.dir.join("mode")).unwrap_or_default()
+    /// The state `begin` recorded.
+    pub fn state(&self) -> Result<UnionState> {
+        self.spec.state.decode(self.fstype, UNION_STATE_VERSION)
     }
 
-    /// The session was mounted on the root itself.
-    pub fn in_place(&self) -> bool {
-        self.mode()
-            .lines()
-            .next()
-            .is_some_and(|l| l.trim() == "in-place")
+    /// The session was mounted with `flag`.
+    pub fn has_flag(&self, flag: &str) -> Result<bool> {
+        Ok(self.state()?.flags.iter().any(|f| f == flag))
     }
 
-    /// The session was mounted with `flag` (recorded by [`Self::write_mode`]).
-    pub fn has_flag(&self, flag: &str) -> bool {
-        self.mode().lines().skip(1).any(|l| l.trim() == flag)
+    fn mounted(&self, at: &Path, fstype: Option<&str>) -> Result<bool> {
+        self.sys
+            .is_mounted(at, fstype)
+            .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))
     }
 
-    /// Record how this session is mounted.
-    pub fn write_mode(&self, in_place: bool, flags: &[&str]) -> Result<()> {
-        let mut text = if in_place { "in-place\n" } else { "merged\n" }.to_string();
-        for f in flags {
-            text.push_str(f);
-            text.push('\n');
+    /// Where the install writes, and where the untouched root is read.
+    pub fn places(&self) -> Result<(PathBuf, PathBuf)> {
+        if self.state()?.in_place {
+            let lower = self.lower_bind();
+            let readable = if self.mounted(&lower, None)? {
+                lower
+            } else {
+                self.spec.base.clone()
+            };
+            Ok((self.spec.base.clone(), readable))
+        } else {
+            Ok((self.merged_dir(), self.spec.base.clone()))
         }
-        fs::write(self.spec.dir.join("mode"), text)
-            .map_err(|e| Error::io(&self.spec.dir, "cannot write session mode", e))
     }
 
     /// Create the directories `begin` needs: `upper/` and `lower/` or
@@ -85,21 +113,6 @@ impl UnionSession<'_> {
             fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
         }
         Ok(())
-    }
-
-    /// Where the install writes, and where the untouched root is read.
-    pub fn places(&self) -> (PathBuf, PathBuf) {
-        if self.in_place() {
-            let lower = self.lower_bind();
-            let readable = if self.sys.is_mounted(&lower, None) {
-                lower
-            } else {
-                self.spec.base.clone()
-            };
-            (self.spec.base.clone(), readable)
-        } else {
-            (self.merged_dir(), self.spec.base.clone())
-        }
     }
 
     /// Bind-mount the root privately at `lower/`; returns that path.
@@ -122,47 +135,101 @@ impl UnionSession<'_> {
         Ok(lower)
     }
 
-    /// Unmount `at` if something (of `fstype`) is mounted there.
+    /// Mount the union (`options` as recorded) on `target`.
+    pub fn mount_union(&self, source: &str, target: &Path, options: &str) -> Result<()> {
+        self.sys
+            .mount(
+                Some(Path::new(source)),
+                target,
+                Some(self.fstype),
+                MountFlags::default(),
+                Some(options),
+            )
+            .map_err(|e| {
+                Error::io(
+                    target,
+                    format!("cannot mount {} ({options})", self.fstype),
+                    e,
+                )
+            })
+    }
+
+    /// Unmount `at` if something (of `fstype`) is mounted there. A busy
+    /// mount is a `Busy` error that says what to do.
     pub fn unmount(&self, at: &Path, fstype: Option<&str>) -> Result<()> {
-        if self.sys.is_mounted(at, fstype) {
-            self.sys
-                .umount(at)
-                .map_err(|e| Error::io(at, "cannot unmount (is a process still using it?)", e))?;
+        if self.mounted(at, fstype)? {
+            self.sys.umount(at).map_err(|e| {
+                let busy = e.raw_os_error() == Some(libc::EBUSY);
+                let err = Error::io(
+                    at,
+                    if busy {
+                        format!(
+                            "cannot unmount: a process still uses it (an open file or a working directory there); end it and run `layerpack final {}` again",
+                            self.spec.package
+                        )
+                    } else {
+                        "cannot unmount".to_string()
+                    },
+                    e,
+                );
+                if busy {
+                    err.with_kind(ErrorKind::Busy)
+                } else {
+                    err
+                }
+            })?;
         }
         Ok(())
     }
 
-    /// Unmount everything the session mounted.
+    /// Unmount everything the session mounted: the union first, then the
+    /// bind mount of the root. Afterwards the upper layer is quiescent and
+    /// the root is reachable by its own path.
     pub fn unmount_all(&self) -> Result<()> {
-        if self.in_place() {
+        if self.state()?.in_place {
             self.unmount(&self.spec.base, Some(self.fstype))?;
-            self.unmount(&self.lower_bind(), None)
-        } else {
-            self.unmount(&self.merged_dir(), Some(self.fstype))
+            self.unmount(&self.lower_bind(), None)?;
         }
+        // In place too: a move-down may mount the union privately here.
+        self.unmount(&self.merged_dir(), Some(self.fstype))
     }
 
-    /// Remove the session's directories (and `extra` ones), `mode` and
-    /// `files`.
-    pub fn remove_files(&self, extra_dirs: &[&str], files: &[&str]) -> Result<()> {
-        let mut dirs = vec![self.upper(), self.merged_dir(), self.lower_bind()];
-        dirs.extend(extra_dirs.iter().map(|d| self.spec.dir.join(d)));
-        for d in dirs {
-            if d.exists() {
-                fs::remove_dir_all(&d).map_err(|e| Error::io(&d, "cannot remove", e))?;
-            }
+    /// Mount the union again as `begin` did (for `final --keep`).
+    pub fn remount(&self, source: &str, lowerdir_in_options: bool) -> Result<()> {
+        let st = self.state()?;
+        let (merged, _) = self.places()?;
+        if self.mounted(&merged, Some(self.fstype))? {
+            return Ok(());
         }
-        for f in files.iter().chain(&["mode"]) {
-            let _ = fs::remove_file(self.spec.dir.join(f));
+        if st.in_place && lowerdir_in_options && !self.mounted(&self.lower_bind(), None)? {
+            self.bind_root()?;
+        }
+        self.mount_union(source, &merged, &st.options)
+    }
+
+    /// Remove the session's directories (and `extra` ones) and `files`,
+    /// never crossing a mount point.
+    pub fn remove_files(&self, extra_dirs: &[&str], files: &[&str]) -> Result<()> {
+        let dir = crate::beneath::Beneath::open(&self.spec.dir)?;
+        let mut names: Vec<&str> = vec!["upper", "merged", "lower"];
+        names.extend_from_slice(extra_dirs);
+        names.extend_from_slice(files);
+        for n in names {
+            dir.remove(
+                &crate::model::RelPath::from(n),
+                crate::beneath::Follow::Nothing,
+            )?;
         }
         Ok(())
     }
 
     /// Undo a failed `begin`: unmount what may be mounted, remove the files.
-    pub fn undo_begin(&self, extra_dirs: &[&str], files: &[&str]) {
-        let _ = self.unmount(&self.spec.base, Some(self.fstype));
-        let _ = self.unmount(&self.lower_bind(), None);
-        let _ = self.remove_files(extra_dirs, files);
+    pub fn undo_begin(&self, extra_dirs: &[&str], files: &[&str]) -> Result<()> {
+        let base = self.unmount(&self.spec.base, Some(self.fstype));
+        let merged = self.unmount(&self.merged_dir(), Some(self.fstype));
+        let lower = self.unmount(&self.lower_bind(), None);
+        base.and(merged).and(lower)?;
+        self.remove_files(extra_dirs, files)
     }
 
     /// Refuse a root that is itself on the union filesystem (`statfs`
@@ -207,17 +274,23 @@ impl UnionSession<'_> {
         let upper = self.upper();
         let pkg = &self.spec.package;
         if !upper.is_dir() {
-            return Health::Stale(format!(
+            return Health::Broken(format!(
                 "the upper layer {} is missing; run `layerpack abort {pkg}`",
                 upper.display()
             ));
         }
-        if !self.sys.is_mounted(&self.places().0, Some(self.fstype)) {
-            return Health::Stale(format!(
-                "{} is not mounted (reboot?); `layerpack final {pkg}` still folds the upper layer, `layerpack abort {pkg}` drops it",
-                self.fstype
-            ));
+        let merged = match self.places() {
+            Ok((m, _)) => m,
+            Err(e) => return Health::Broken(format!("{e}; run `layerpack abort {pkg}`")),
+        };
+        match self.mounted(&merged, Some(self.fstype)) {
+            Ok(true) => Health::Ok,
+            Ok(false) => Health::MountLost(format!(
+                "{} is no longer mounted on {} (reboot?); `layerpack final {pkg}` reads the upper layer directly, packages it and folds it, `layerpack abort {pkg}` drops it",
+                self.fstype,
+                merged.display()
+            )),
+            Err(e) => Health::Broken(e.to_string()),
         }
-        Health::Ok
     }
 }

@@ -57,12 +57,18 @@ fn round(b: &dyn LayerBackend, base: &Path, state: &Path, n: usize, new_files: u
         package: "bench".into(),
         base: base.to_path_buf(),
         dir: dir.clone(),
+        state: Default::default(),
     };
     let t = Instant::now();
-    let merged = b.begin(&spec).unwrap();
+    let begun = b.begin(&spec).unwrap();
     let t_begin = t.elapsed().as_secs_f64();
-    install(&merged, n, new_files);
+    let spec = SessionSpec {
+        state: begun.state,
+        ..spec
+    };
+    install(&begun.merged, n, new_files);
     let t = Instant::now();
+    b.freeze(&spec).unwrap();
     let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
     let t_changes = t.elapsed().as_secs_f64();
     assert!(cs.len() >= new_files);

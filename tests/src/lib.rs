@@ -90,28 +90,6 @@ pub fn build_plugin(package: &str, features: &[&str]) -> std::path::PathBuf {
     out
 }
 
-/// Whether kernel overlayfs can be used here for `purpose`. When it cannot,
-/// prints why the caller skips; panics instead when `LAYERPACK_REQUIRE`
-/// names overlayfs, so a skip there is a failure.
-pub fn overlayfs_available(purpose: &str) -> bool {
-    use layerpack_core::backend::LayerBackend;
-    let b = layerpack_backend_overlayfs::OverlayBackend::new(
-        layerpack_backend_overlayfs::OverlayConfig::default(),
-        std::path::Path::new("/"),
-    );
-    match b.probe().reason() {
-        None => true,
-        Some(why) => {
-            assert!(
-                !required_backends().iter().any(|r| r == "overlayfs"),
-                "LAYERPACK_REQUIRE includes overlayfs, but: {why}"
-            );
-            eprintln!("skipped: {purpose} needs overlayfs: {why}");
-            false
-        }
-    }
-}
-
 pub use libtest_mimic::{Completion, Failed};
 
 /// What a test returns: passed, ignored with the reason, or failed.

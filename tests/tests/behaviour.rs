@@ -23,6 +23,13 @@ type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
 const AS_PLUGINS: &[&str] = &["snapshot", "overlayfs"];
 use libtest_mimic::{Arguments, Failed, Trial};
 
+/// A trial that is ignored at run time with `why` as its reason.
+fn ignored(name: String, why: String) -> Trial {
+    Trial::ignorable_test(name, move || {
+        Ok(libtest_mimic::Completion::ignored_with(why))
+    })
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let required = required_backends();
@@ -85,19 +92,27 @@ fn main() -> ExitCode {
                         format!("LAYERPACK_REQUIRE includes {name}, but it cannot run here: {why}");
                     trials.push(Trial::test(test_name, move || Err(msg.into())));
                 } else {
-                    eprintln!("ignored {test_name}: backend unavailable: {why}");
-                    trials.push(Trial::test(test_name, || Ok(())).with_ignored_flag(true));
+                    let why = format!("backend unavailable: {why}");
+                    trials.push(ignored(test_name, why));
                 }
                 continue;
             }
-            if let Some(why) = sc.skip_reason(&caps, &work) {
-                let environmental = !why.contains("cannot discard") && !why.contains("discards");
-                if must_run && environmental {
-                    let msg = format!("LAYERPACK_REQUIRE includes {name}, but: {why}");
+            if let Some(skip) = sc.skip_reason(&caps, &work) {
+                // A skip the machine decides fails a required backend only
+                // when the environment is required too (`root`,
+                // `user-xattrs`): a backend cannot help a tmpfs that takes
+                // no user.* xattrs.
+                let env_required = skip
+                    .requirement()
+                    .is_some_and(|r| required.iter().any(|x| x == r));
+                if must_run && skip.environmental() && env_required {
+                    let msg = format!(
+                        "LAYERPACK_REQUIRE includes {name} and {}, but: {skip}",
+                        skip.requirement().unwrap_or("?")
+                    );
                     trials.push(Trial::test(test_name, move || Err(msg.into())));
                 } else {
-                    eprintln!("ignored {test_name}: {why}");
-                    trials.push(Trial::test(test_name, || Ok(())).with_ignored_flag(true));
+                    trials.push(ignored(test_name, skip.to_string()));
                 }
                 continue;
             }

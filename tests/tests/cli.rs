@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use layerpack_tests::layerpack_bin;
+use layerpack_tests::{layerpack_bin, missing, passed, Need, Outcome};
 use serde_json::Value;
 
 struct Env {
@@ -91,8 +91,7 @@ fn tree_listing(root: &Path) -> Vec<String> {
     v
 }
 
-#[test]
-fn run_hello_writes_manifest_and_file_list() {
+fn run_hello_writes_manifest_and_file_list() -> Outcome {
     let e = Env::new("hello");
     let o = e.run(&[
         "run",
@@ -127,10 +126,10 @@ fn run_hello_writes_manifest_and_file_list() {
     assert_eq!(changes[0]["type"], "dir");
     let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
     assert_eq!(list, "hello,./usr/bin/hello\n");
+    passed()
 }
 
-#[test]
-fn init_and_final_survive_a_killed_install() {
+fn init_and_final_survive_a_killed_install() -> Outcome {
     let e = Env::new("kill");
     let o = e.run(&["init", "pkg", "--root", &root_arg(&e)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -157,10 +156,10 @@ fn init_and_final_survive_a_killed_install() {
     let o = e.run(&["final", "pkg"]);
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("no open session"), "{}", stderr(&o));
+    passed()
 }
 
-#[test]
-fn failed_command_exits_with_its_status_and_keeps_the_layer() {
+fn failed_command_exits_with_its_status_and_keeps_the_layer() -> Outcome {
     let e = Env::new("fail");
     fs::create_dir(e.root().join("opt")).unwrap();
     let o = e.run(&[
@@ -187,10 +186,10 @@ fn failed_command_exits_with_its_status_and_keeps_the_layer() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let doc = read_json(&e.out().join("broken.changes.json"));
     assert_eq!(doc["changes"].as_array().unwrap().len(), 3);
+    passed()
 }
 
-#[test]
-fn missing_command_is_status_127_and_the_session_is_kept() {
+fn missing_command_is_status_127_and_the_session_is_kept() -> Outcome {
     let e = Env::new("nocmd");
     let o = e.run(&[
         "run",
@@ -203,10 +202,10 @@ fn missing_command_is_status_127_and_the_session_is_kept() {
     assert_eq!(code(&o), 127, "{}", stderr(&o));
     assert!(stderr(&o).contains("/nonexistent/cmd"));
     assert_eq!(code(&e.run(&["abort", "p"])), 0);
+    passed()
 }
 
-#[test]
-fn usage_errors_exit_2() {
+fn usage_errors_exit_2() -> Outcome {
     let e = Env::new("usage");
     for args in [
         vec!["init", "a/b", "--root", "x"],
@@ -221,10 +220,10 @@ fn usage_errors_exit_2() {
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
     }
     assert_eq!(session_count(&e), 0);
+    passed()
 }
 
-#[test]
-fn bad_roots_exit_1_and_name_the_path() {
+fn bad_roots_exit_1_and_name_the_path() -> Outcome {
     let e = Env::new("roots");
     fs::write(e.dir.join("file"), b"x").unwrap();
     for (root, what) in [
@@ -240,10 +239,10 @@ fn bad_roots_exit_1_and_name_the_path() {
         );
     }
     assert_eq!(session_count(&e), 0);
+    passed()
 }
 
-#[test]
-fn unreadable_root_exits_1() {
+fn unreadable_root_exits_1() -> Outcome {
     let e = Env::new("unreadable");
     let locked = e.dir.join("locked");
     fs::create_dir(&locked).unwrap();
@@ -266,10 +265,10 @@ fn unreadable_root_exits_1() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("locked"), "{}", stderr(&o));
     assert!(stderr(&o).contains("ermission denied"), "{}", stderr(&o));
+    passed()
 }
 
-#[test]
-fn second_init_and_final_without_init_exit_1() {
+fn second_init_and_final_without_init_exit_1() -> Outcome {
     let e = Env::new("twice");
     assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
     let o = e.run(&["init", "p", "--root", &root_arg(&e)]);
@@ -283,10 +282,10 @@ fn second_init_and_final_without_init_exit_1() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("layerpack init q"), "{}", stderr(&o));
     assert_eq!(code(&e.run(&["abort", "p"])), 0);
+    passed()
 }
 
-#[test]
-fn corrupt_session_exits_1_and_abort_recovers() {
+fn corrupt_session_exits_1_and_abort_recovers() -> Outcome {
     let e = Env::new("corrupt");
     assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
     let file = e.dir.join("state/sessions/p/session.json");
@@ -304,10 +303,10 @@ fn corrupt_session_exits_1_and_abort_recovers() {
     assert_eq!(line["kind"], "corrupt");
     assert_eq!(code(&e.run(&["abort", "p"])), 0);
     assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
+    passed()
 }
 
-#[test]
-fn config_errors_name_file_line_and_key() {
+fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
     fs::write(&cfg, "backend = \"snapshot\"\n\nhash_everything = true\n").unwrap();
@@ -340,28 +339,28 @@ fn config_errors_name_file_line_and_key() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("/nonexistent.toml"));
     assert_eq!(session_count(&e), 0);
+    passed()
 }
 
-#[test]
-fn example_config_is_valid() {
+fn example_config_is_valid() -> Outcome {
     let e = Env::new("example");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../layerpack.toml.example");
     let o = e.run(&["--config", example.to_str().unwrap(), "backends"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    passed()
 }
 
-#[test]
-fn unknown_backend_lists_known_ones() {
+fn unknown_backend_lists_known_ones() -> Outcome {
     let e = Env::new("backend");
     let o = e.run(&["init", "p", "--root", &root_arg(&e), "--backend", "zfs"]);
     assert_eq!(code(&o), 1);
     let err = stderr(&o);
     assert!(err.contains("unknown backend 'zfs'"), "{err}");
     assert!(err.contains("snapshot, overlayfs, fuse, aufs"), "{err}");
+    passed()
 }
 
-#[test]
-fn backends_lists_every_backend_with_a_reason() {
+fn backends_lists_every_backend_with_a_reason() -> Outcome {
     let e = Env::new("backends");
     let o = e.run(&["--json", "backends"]);
     assert_eq!(code(&o), 0);
@@ -387,10 +386,10 @@ fn backends_lists_every_backend_with_a_reason() {
         assert_eq!(lines[3]["available"], false);
         assert_eq!(lines[3]["reason"], "aufs not in /proc/filesystems");
     }
+    passed()
 }
 
-#[test]
-fn diff_reports_changes_between_two_trees() {
+fn diff_reports_changes_between_two_trees() -> Outcome {
     let e = Env::new("diff");
     let (a, b) = (e.dir.join("a"), e.dir.join("b"));
     fs::create_dir_all(a.join("etc")).unwrap();
@@ -419,10 +418,10 @@ fn diff_reports_changes_between_two_trees() {
     let first: Value =
         serde_json::from_slice(o.stdout.split(|c| *c == b'\n').next().unwrap()).unwrap();
     assert_eq!(first["change"], "deleted");
+    passed()
 }
 
-#[test]
-fn non_utf8_paths_are_exact_in_the_manifest() {
+fn non_utf8_paths_are_exact_in_the_manifest() -> Outcome {
     use std::os::unix::ffi::OsStrExt;
     let e = Env::new("bytes");
     let o = e.run(&[
@@ -448,10 +447,10 @@ fn non_utf8_paths_are_exact_in_the_manifest() {
     let list = fs::read(e.out().join("packages-file-list.txt")).unwrap();
     assert_eq!(list, b"bytes,./a\xffb\n");
     assert!(stderr(&o).contains("newline"), "{}", stderr(&o));
+    passed()
 }
 
-#[test]
-fn file_list_replaces_a_packages_old_lines() {
+fn file_list_replaces_a_packages_old_lines() -> Outcome {
     let e = Env::new("filelist");
     fs::write(
         e.out().join("packages-file-list.txt"),
@@ -471,10 +470,10 @@ fn file_list_replaces_a_packages_old_lines() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let list = fs::read_to_string(e.out().join("packages-file-list.txt")).unwrap();
     assert_eq!(list, "other,./x\np,./f\n");
+    passed()
 }
 
-#[test]
-fn parallel_finals_sharing_an_output_directory_keep_every_line() {
+fn parallel_finals_sharing_an_output_directory_keep_every_line() -> Outcome {
     let e = Env::new("parallel");
     let children: Vec<_> = (0..6)
         .map(|i| {
@@ -515,29 +514,14 @@ fn parallel_finals_sharing_an_output_directory_keep_every_line() {
             );
         }
     }
+    passed()
 }
 
-#[test]
-fn overlayfs_session_survives_a_lost_mount() {
-    let e = Env::new("ovl-lost");
-    let probe = e.run(&["--json", "backends"]);
-    let ovl: Vec<Value> = probe
-        .stdout
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .filter(|v: &Value| v["name"] == "overlayfs")
-        .collect();
-    if ovl[0]["available"] != true {
-        let required = std::env::var("LAYERPACK_REQUIRE").unwrap_or_default();
-        assert!(
-            !required.contains("overlayfs"),
-            "overlayfs required but unavailable: {}",
-            ovl[0]["reason"]
-        );
-        eprintln!("skipped: overlayfs unavailable: {}", ovl[0]["reason"]);
-        return;
+fn overlayfs_session_survives_a_lost_mount() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
+    let e = Env::new("ovl-lost");
     fs::create_dir_all(e.root().join("etc")).unwrap();
     fs::write(e.root().join("etc/old"), b"old").unwrap();
     let o = e.run(&[
@@ -562,13 +546,25 @@ fn overlayfs_session_survives_a_lost_mount() {
     // A reboot loses the mount; the upper layer stays on disk.
     nix::mount::umount2(&merged, nix::mount::MntFlags::empty()).unwrap();
     let o = e.run(&["status"]);
+    let status = String::from_utf8_lossy(&o.stdout);
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("not mounted"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
+        status.contains("mount lost") && status.contains("layerpack final ovl"),
+        "{status}"
     );
-    let o = e.run(&["final", "ovl", "--format", "none"]);
+    // final reads the upper layer directly and packages it.
+    let o = e.run(&["final", "ovl"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let unpacked = e.dir.join("unpacked");
+    fs::create_dir_all(&unpacked).unwrap();
+    let ipk = e.out().join("ovl_1_all.ipk");
+    let o = e.run(&[
+        "apply",
+        ipk.to_str().unwrap(),
+        "--root",
+        unpacked.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(fs::read(unpacked.join("etc/new")).unwrap(), b"new");
     assert_eq!(fs::read(e.root().join("etc/new")).unwrap(), b"new");
     assert!(!e.root().join("etc/old").exists());
     let doc = read_json(&e.out().join("ovl.changes.json"));
@@ -596,4 +592,26 @@ fn overlayfs_session_survives_a_lost_mount() {
     assert!(stderr(&o).contains("layer discarded"), "{}", stderr(&o));
     assert!(!e.root().join("etc/junk").exists());
     assert_eq!(session_count(&e), 0);
+    passed()
 }
+
+layerpack_tests::test_main!(
+    run_hello_writes_manifest_and_file_list,
+    init_and_final_survive_a_killed_install,
+    failed_command_exits_with_its_status_and_keeps_the_layer,
+    missing_command_is_status_127_and_the_session_is_kept,
+    usage_errors_exit_2,
+    bad_roots_exit_1_and_name_the_path,
+    unreadable_root_exits_1,
+    second_init_and_final_without_init_exit_1,
+    corrupt_session_exits_1_and_abort_recovers,
+    config_errors_name_file_line_and_key,
+    example_config_is_valid,
+    unknown_backend_lists_known_ones,
+    backends_lists_every_backend_with_a_reason,
+    diff_reports_changes_between_two_trees,
+    non_utf8_paths_are_exact_in_the_manifest,
+    file_list_replaces_a_packages_old_lines,
+    parallel_finals_sharing_an_output_directory_keep_every_line,
+    overlayfs_session_survives_a_lost_mount,
+);

@@ -1,7 +1,7 @@
 //! overlayfs specifics: the fold survives being killed after any number of
 //! operations, and every scenario gives the same layer as the snapshot
-//! backend. Needs root and overlayfs; skipped with the reason otherwise
-//! (a failure when LAYERPACK_REQUIRE names overlayfs).
+//! backend. Needs root and overlayfs: ignored with the reason otherwise
+//! (a failure when LAYERPACK_REQUIRE names what is missing).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,11 +14,8 @@ use layerpack_backend_overlayfs::{OverlayBackend, OverlayConfig};
 use layerpack_core::backend::{ChangeOptions, LayerBackend, SessionSpec};
 use layerpack_core::config::BackendConfig;
 use layerpack_core::scenarios::{self, backdate, compare_trees};
-use layerpack_tests::builtin_registry;
-
-fn available() -> bool {
-    layerpack_tests::overlayfs_available("this test")
-}
+use layerpack_core::tree::fold::{FoldOptions, FOLD_FAIL_AFTER_ENV};
+use layerpack_tests::{builtin_registry, missing, passed, Need, Outcome};
 
 fn scratch(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -84,10 +81,9 @@ fn rich_install(m: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-#[test]
-fn fold_is_idempotent_when_killed_after_any_operation() {
-    if !available() {
-        return;
+fn fold_is_idempotent_when_killed_after_any_operation() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let mut completed = false;
     for n in 0..400 {
@@ -103,16 +99,18 @@ fn fold_is_idempotent_when_killed_after_any_operation() {
             package: "fold".into(),
             base: fs::canonicalize(d.join("base")).unwrap(),
             dir: d.join("session"),
+            state: Default::default(),
         };
-        let failing = OverlayBackend::new(
-            OverlayConfig {
-                fold_fail_after: Some(n),
-                ..OverlayConfig::default()
-            },
-            Path::new("/"),
-        );
-        let merged = failing.begin(&spec).unwrap();
-        rich_install(&merged).unwrap();
+        let failing =
+            OverlayBackend::new(OverlayConfig::default(), Path::new("/")).with_fold(FoldOptions {
+                fail_after: Some(n),
+            });
+        let begun = failing.begin(&spec).unwrap();
+        let spec = SessionSpec {
+            state: begun.state,
+            ..spec
+        };
+        rich_install(&begun.merged).unwrap();
         rich_install(&d.join("reference")).unwrap();
         let first = failing.move_down(&spec);
         if first.is_ok() {
@@ -133,12 +131,12 @@ fn fold_is_idempotent_when_killed_after_any_operation() {
         fs::remove_dir_all(&d).unwrap();
     }
     assert!(completed, "the fold never completed within 400 operations");
+    passed()
 }
 
-#[test]
-fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() {
-    if !available() {
-        return;
+fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let registry = builtin_registry();
     let snap = registry
@@ -168,9 +166,15 @@ fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() {
                 package: "diff".into(),
                 base: fs::canonicalize(d.join("base")).unwrap(),
                 dir: d.join("session"),
+                state: Default::default(),
             };
-            let merged = b.begin(&spec).unwrap();
-            (sc.act)(&merged).unwrap();
+            let begun = b.begin(&spec).unwrap();
+            let spec = SessionSpec {
+                state: begun.state,
+                ..spec
+            };
+            (sc.act)(&begun.merged).unwrap();
+            b.freeze(&spec).unwrap();
             let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
             b.move_down(&spec).unwrap();
             sets.push(cs);
@@ -212,20 +216,14 @@ fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() {
     }
     fs::remove_dir_all(&work).unwrap();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    passed()
 }
 
-#[test]
-fn in_place_mode_passes_every_scenario() {
-    if !available() {
-        return;
+fn in_place_mode_passes_every_scenario() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
-    let b = OverlayBackend::new(
-        OverlayConfig {
-            in_place: true,
-            ..OverlayConfig::default()
-        },
-        Path::new("/"),
-    );
+    let b = OverlayBackend::new(OverlayConfig { in_place: true }, Path::new("/"));
     let work = scratch("in-place");
     let mut failures = Vec::new();
     let mut ran = 0;
@@ -242,12 +240,12 @@ fn in_place_mode_passes_every_scenario() {
     fs::remove_dir_all(&work).unwrap();
     assert!(ran >= 24, "only {ran} scenarios ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    passed()
 }
 
-#[test]
-fn make_install_into_the_root_path_is_captured_in_place() {
-    if !available() {
-        return;
+fn make_install_into_the_root_path_is_captured_in_place() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let d = scratch("destdir");
     let root = d.join("target");
@@ -343,15 +341,15 @@ fn make_install_into_the_root_path_is_captured_in_place() {
     );
     assert!(root.join("usr/bin/hello").exists() && !root.join("usr/bin/old").exists());
     fs::remove_dir_all(&d).unwrap();
+    passed()
 }
 
 const UNPRIVILEGED: u32 = 4242;
 
-#[test]
-fn rootless_run_passes_the_scenarios_that_need_no_root() {
+fn rootless_run_passes_the_scenarios_that_need_no_root() -> Outcome {
     use std::os::unix::process::CommandExt;
-    if !available() {
-        return;
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let d = scratch("rootless");
     let own = |p: &Path| {
@@ -378,7 +376,7 @@ fn rootless_run_passes_the_scenarios_that_need_no_root() {
     );
     let summary = out.lines().last().unwrap();
     assert!(summary.starts_with("overlayfs: "), "{summary}");
-    let passed: u32 = summary
+    let n_passed: u32 = summary
         .split(": ")
         .nth(1)
         .unwrap()
@@ -387,7 +385,7 @@ fn rootless_run_passes_the_scenarios_that_need_no_root() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(passed >= 22, "{out}");
+    assert!(n_passed >= 22, "{out}");
     for needs_root in ["s06_chown_only", "s19_special_files"] {
         assert!(
             out.contains(&format!("skip {needs_root}: needs real root")),
@@ -457,12 +455,12 @@ fn rootless_run_passes_the_scenarios_that_need_no_root() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("layerpack run --backend overlayfs"));
     fs::remove_dir_all(&d).unwrap();
+    passed()
 }
 
-#[test]
-fn a_root_on_overlayfs_is_refused_with_the_reason() {
-    if !available() {
-        return;
+fn a_root_on_overlayfs_is_refused_with_the_reason() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let d = scratch("nested");
     for sub in ["base", "s1", "s2"] {
@@ -473,12 +471,18 @@ fn a_root_on_overlayfs_is_refused_with_the_reason() {
         package: "outer".into(),
         base: fs::canonicalize(d.join("base")).unwrap(),
         dir: d.join("s1"),
+        state: Default::default(),
     };
-    let merged = b.begin(&outer).unwrap();
+    let begun = b.begin(&outer).unwrap();
+    let outer = SessionSpec {
+        state: begun.state,
+        ..outer
+    };
     let inner = SessionSpec {
         package: "inner".into(),
-        base: merged,
+        base: begun.merged,
         dir: d.join("s2"),
+        state: Default::default(),
     };
     let err = b.begin(&inner).unwrap_err();
     b.discard(&outer).unwrap();
@@ -490,14 +494,14 @@ fn a_root_on_overlayfs_is_refused_with_the_reason() {
         "begin undid its work"
     );
     fs::remove_dir_all(&d).unwrap();
+    passed()
 }
 
 /// A `final` killed during move-down leaves part of the layer in the base:
 /// `abort` must refuse to discard the rest, and `final` finishes the job.
-#[test]
-fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() {
-    if !available() {
-        return;
+fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
     }
     let d = scratch("interrupted");
     let root = d.join("root");
@@ -505,20 +509,20 @@ fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() {
     let reference = d.join("reference");
     rich_base(&reference);
     rich_install(&reference).unwrap();
-    let failing = d.join("failing.toml");
-    fs::write(&failing, "[backends.overlayfs]\nfold_fail_after = 3\n").unwrap();
-    let plain = d.join("plain.toml");
-    fs::write(&plain, "").unwrap();
-    let lp = |cfg: &Path, args: &[&str]| {
-        std::process::Command::new(layerpack_tests::layerpack_bin())
-            .args(["--config", cfg.to_str().unwrap()])
-            .args(args)
+    // The crash point comes from the test-only environment variable.
+    let (failing, plain) = (Some("3"), None);
+    let lp = |fail: Option<&str>, args: &[&str]| {
+        let mut c = std::process::Command::new(layerpack_tests::layerpack_bin());
+        c.args(args)
             .env("LAYERPACK_STATE_DIR", d.join("state"))
-            .output()
-            .unwrap()
+            .env_remove(FOLD_FAIL_AFTER_ENV);
+        if let Some(n) = fail {
+            c.env(FOLD_FAIL_AFTER_ENV, n);
+        }
+        c.output().unwrap()
     };
     let init = lp(
-        &failing,
+        failing,
         &[
             "init",
             "p",
@@ -536,16 +540,16 @@ fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() {
     let merged = PathBuf::from(String::from_utf8(init.stdout).unwrap().trim_end());
     rich_install(&merged).unwrap();
     let out = d.join("out");
-    let fin = lp(&failing, &["final", "p", "--out", out.to_str().unwrap()]);
+    let fin = lp(failing, &["final", "p", "--out", out.to_str().unwrap()]);
     assert!(!fin.status.success());
-    let abort = lp(&plain, &["abort", "p"]);
+    let abort = lp(plain, &["abort", "p"]);
     let err = String::from_utf8_lossy(&abort.stderr);
     assert!(!abort.status.success(), "abort must refuse");
     assert!(
         err.contains("interrupted") && err.contains("layerpack final p"),
         "{err}"
     );
-    let fin = lp(&plain, &["final", "p", "--out", out.to_str().unwrap()]);
+    let fin = lp(plain, &["final", "p", "--out", out.to_str().unwrap()]);
     assert!(
         fin.status.success(),
         "{}",
@@ -553,4 +557,15 @@ fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() {
     );
     compare_trees(&reference, &root).unwrap();
     fs::remove_dir_all(&d).unwrap();
+    passed()
 }
+
+layerpack_tests::test_main!(
+    fold_is_idempotent_when_killed_after_any_operation,
+    every_scenario_gives_the_same_layer_as_the_snapshot_backend,
+    in_place_mode_passes_every_scenario,
+    make_install_into_the_root_path_is_captured_in_place,
+    rootless_run_passes_the_scenarios_that_need_no_root,
+    a_root_on_overlayfs_is_refused_with_the_reason,
+    abort_after_an_interrupted_move_down_is_refused_and_final_finishes,
+);

@@ -15,7 +15,9 @@ use layerpack_core::plugin::{register_plugin, ABI_MAX};
 use layerpack_core::registry::Registry;
 use layerpack_core::testkit::load_plugin_backend;
 use layerpack_core::ErrorKind;
-use layerpack_tests::{build_plugin, builtin_registry, layerpack_bin};
+use layerpack_tests::{
+    build_plugin, builtin_registry, layerpack_bin, missing, passed, Need, Outcome,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -29,17 +31,16 @@ fn load_err(path: &Path) -> layerpack_core::Error {
     register_plugin(&mut Registry::new(), path).expect_err("the load must fail")
 }
 
-#[test]
-fn a_missing_file_is_named() {
+fn a_missing_file_is_named() -> Outcome {
     let p = scratch("missing").join("libnothere.so");
     let e = load_err(&p);
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.to_string().contains("libnothere.so"), "{e}");
     assert!(e.to_string().contains("no such file"), "{e}");
+    passed()
 }
 
-#[test]
-fn a_file_that_is_not_a_shared_library_is_refused() {
+fn a_file_that_is_not_a_shared_library_is_refused() -> Outcome {
     let p = scratch("notlib").join("libtext.so");
     fs::write(&p, "just text\n").unwrap();
     let e = load_err(&p);
@@ -49,31 +50,40 @@ fn a_file_that_is_not_a_shared_library_is_refused() {
         "{e}"
     );
     assert!(e.to_string().contains("libtext.so"), "{e}");
+    passed()
 }
 
-#[test]
-fn a_library_without_the_entry_symbol_is_refused() {
+fn a_library_without_the_entry_symbol_is_refused() -> Outcome {
     let p = build_plugin("layerpack-plugin-faulty", &[]);
     let e = load_err(&p);
     assert_eq!(e.kind(), ErrorKind::Plugin);
     assert!(
         e.to_string()
-            .contains("does not export layerpack_backend_v1"),
+            .contains("does not export layerpack_backend_v2"),
         "{e}"
     );
+    passed()
 }
 
-#[test]
-fn an_abi_version_out_of_range_is_named_with_the_supported_range() {
+fn an_abi_version_out_of_range_is_named_with_the_supported_range() -> Outcome {
     let p = build_plugin("layerpack-plugin-faulty", &["abi3"]);
     let e = load_err(&p);
     assert_eq!(e.kind(), ErrorKind::Plugin);
-    let want = format!("implements ABI 3; this build supports 1..={ABI_MAX}");
+    let want = format!("implements ABI 3; this build supports 2..={ABI_MAX}");
     assert!(e.to_string().contains(&want), "{e}");
+    passed()
 }
 
-#[test]
-fn a_longer_table_is_accepted_and_a_short_one_refused() {
+fn a_plugin_of_the_old_abi_1_is_refused_naming_both_versions() -> Outcome {
+    let p = build_plugin("layerpack-plugin-faulty", &["abi1"]);
+    let e = load_err(&p);
+    assert_eq!(e.kind(), ErrorKind::Plugin);
+    let want = format!("implements ABI 1; this build supports 2..={ABI_MAX}");
+    assert!(e.to_string().contains(&want), "{e}");
+    passed()
+}
+
+fn a_longer_table_is_accepted_and_a_short_one_refused() -> Outcome {
     let p = build_plugin("layerpack-plugin-faulty", &["appended"]);
     let b = load_plugin_backend(&p, "").unwrap();
     assert_eq!(b.name(), "faulty");
@@ -81,10 +91,10 @@ fn a_longer_table_is_accepted_and_a_short_one_refused() {
     let p = build_plugin("layerpack-plugin-faulty", &["truncated"]);
     let e = load_err(&p);
     assert!(e.to_string().contains("table has 8 bytes; at least"), "{e}");
+    passed()
 }
 
-#[test]
-fn a_name_taken_by_a_built_in_is_refused() {
+fn a_name_taken_by_a_built_in_is_refused() -> Outcome {
     let p = build_plugin("layerpack-backend-snapshot", &["plugin"]);
     let mut r = builtin_registry();
     let e = register_plugin(&mut r, &p).expect_err("clash");
@@ -97,13 +107,12 @@ fn a_name_taken_by_a_built_in_is_refused() {
     // The same library loads fine where the name is free.
     let mut alone = Registry::new();
     register_plugin(&mut alone, &p).unwrap();
+    passed()
 }
 
-#[test]
-fn a_plugin_writable_by_another_user_is_refused_when_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: the check applies to root only");
-        return;
+fn a_plugin_writable_by_another_user_is_refused_when_root() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root]) {
+        return skip;
     }
     let built = build_plugin("layerpack-plugin-faulty", &["export"]);
     let d = scratch("perm");
@@ -124,6 +133,7 @@ fn a_plugin_writable_by_another_user_is_refused_when_root() {
     assert!(e.to_string().contains("the file"), "{e}");
     fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
     register_plugin(&mut Registry::new(), &file).unwrap();
+    passed()
 }
 
 fn spec(d: &Path) -> SessionSpec {
@@ -131,11 +141,11 @@ fn spec(d: &Path) -> SessionSpec {
         package: "p".into(),
         base: d.join("base"),
         dir: d.join("session"),
+        state: Default::default(),
     }
 }
 
-#[test]
-fn a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running() {
+fn a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running() -> Outcome {
     let so = build_plugin("layerpack-plugin-faulty", &["export"]);
     let d = scratch("panic");
     let spec = spec(&d);
@@ -155,17 +165,20 @@ fn a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running() {
     }
     let with = |entry: &str| load_plugin_backend(&so, &format!("panic_in = \"{entry}\"")).unwrap();
     match with("probe").probe() {
-        Probe::Unavailable(why) => panicked(&why, "probe"),
+        Probe::Unavailable(why) => panicked(&why.to_string(), "probe"),
         Probe::Available => panic!("probe must report the panic"),
     }
     match with("health").health(&spec) {
-        Health::Stale(why) => panicked(&why, "health"),
-        Health::Ok => panic!("health must report the panic"),
+        Health::Broken(why) => panicked(&why, "health"),
+        h => panic!("health must report the panic, not {h:?}"),
     }
+    // content_root cannot fail: a plugin that cannot say reads as the base.
+    assert_eq!(with("content_root").content_root(&spec), spec.base);
     type Op = fn(&dyn LayerBackend, &SessionSpec) -> layerpack_core::Result<()>;
-    let ops: [(&str, Op); 6] = [
+    let ops: [(&str, Op); 7] = [
         ("begin", |b, s| b.begin(s).map(drop)),
-        ("merged_path", |b, s| b.merged_path(s).map(drop)),
+        ("freeze", |b, s| b.freeze(s)),
+        ("thaw", |b, s| b.thaw(s)),
         ("changes", |b, s| {
             b.changes(s, &Default::default()).map(drop)
         }),
@@ -180,17 +193,24 @@ fn a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running() {
         panicked(&e.to_string(), entry);
         // The same backend still answers the other entry points.
         assert_eq!(b.probe(), Probe::Available);
-        if entry != "merged_path" {
-            assert_eq!(b.merged_path(&spec).unwrap(), spec.dir.join("merged"));
-        }
+        assert_eq!(b.content_root(&spec), spec.dir.join("content"));
     }
     // A panic while the host drops the backend is caught too.
     drop(with("destroy"));
     // A well-behaved instance of the same library works normally.
     let ok = with("nowhere");
-    assert_eq!(ok.begin(&spec).unwrap(), spec.dir.join("merged"));
+    let begun = ok.begin(&spec).unwrap();
+    assert_eq!(begun.merged, spec.dir.join("merged"));
+    // The backend's state crosses the ABI both ways unchanged.
+    assert_eq!(begun.state.version, 7);
+    assert_eq!(begun.state.data, serde_json::json!({"faulty": true}));
+    let spec = SessionSpec {
+        state: begun.state,
+        ..spec
+    };
     assert!(ok.changes(&spec, &Default::default()).unwrap().is_empty());
     ok.move_down(&spec).unwrap();
+    passed()
 }
 
 fn lp(cfg: &Path, d: &Path, args: &[&str]) -> Output {
@@ -222,8 +242,7 @@ fn copy_plugin_config(d: &Path) -> PathBuf {
     cfg
 }
 
-#[test]
-fn backends_lists_plugins_with_path_and_abi() {
+fn backends_lists_plugins_with_path_and_abi() -> Outcome {
     let d = scratch("list");
     let cfg = copy_plugin_config(&d);
     let o = lp(&cfg, &d, &["--json", "backends"]);
@@ -240,7 +259,7 @@ fn backends_lists_plugins_with_path_and_abi() {
         .expect("copy listed");
     let want = fs::canonicalize(d.join("plugins/libcopy.so")).unwrap();
     assert_eq!(copy["plugin"]["path"], want.to_str().unwrap());
-    assert_eq!(copy["plugin"]["abi"], 1);
+    assert_eq!(copy["plugin"]["abi"], 2);
     assert_eq!(copy["available"], true);
     assert_eq!(
         lines.iter().find(|l| l["name"] == "snapshot").unwrap()["plugin"],
@@ -250,15 +269,15 @@ fn backends_lists_plugins_with_path_and_abi() {
     let out = text(&o.stdout);
     assert!(
         out.contains(&format!(
-            "copy       plugin {} (ABI 1) available",
+            "copy       plugin {} (ABI 2) available",
             want.display()
         )),
         "{out}"
     );
+    passed()
 }
 
-#[test]
-fn the_example_plugin_is_chosen_by_name_and_passes_the_suite() {
+fn the_example_plugin_is_chosen_by_name_and_passes_the_suite() -> Outcome {
     let d = scratch("copy");
     let cfg = copy_plugin_config(&d);
     let o = lp(&cfg, &d, &["selftest", "--backend", "copy"]);
@@ -295,10 +314,10 @@ fn the_example_plugin_is_chosen_by_name_and_passes_the_suite() {
         .collect();
     assert_eq!(paths, ["etc/old.conf", "usr", "usr/bin", "usr/bin/hello"]);
     assert!(d.join("out/hello_1.0_all.ipk").exists());
+    passed()
 }
 
-#[test]
-fn a_bad_plugin_in_the_config_is_a_clear_error() {
+fn a_bad_plugin_in_the_config_is_a_clear_error() -> Outcome {
     let d = scratch("badcfg");
     let cfg = d.join("layerpack.toml");
     fs::write(&cfg, "[[plugin]]\npath = \"nothere.so\"\n").unwrap();
@@ -313,6 +332,7 @@ fn a_bad_plugin_in_the_config_is_a_clear_error() {
     let o = lp(&cfg, &d, &["backends"]);
     let err = text(&o.stderr);
     assert!(err.contains("line 3") && err.contains("where"), "{err}");
+    passed()
 }
 
 /// Every field of every change survives the ABI: for each scenario, the
@@ -320,8 +340,7 @@ fn a_bad_plugin_in_the_config_is_a_clear_error() {
 /// the same open session, and their change sets must be equal (paths as
 /// bytes, kinds, metadata, xattrs, device numbers, link targets, hashes,
 /// hard-link groups).
-#[test]
-fn change_sets_cross_the_abi_unchanged() {
+fn change_sets_cross_the_abi_unchanged() -> Outcome {
     use layerpack_core::config::BackendConfig;
     use layerpack_core::scenarios;
     let so = build_plugin("layerpack-backend-snapshot", &["plugin"]);
@@ -349,10 +368,17 @@ fn change_sets_cross_the_abi_unchanged() {
             package: "p".into(),
             base: fs::canonicalize(&base).unwrap(),
             dir: session,
+            state: Default::default(),
         };
-        let merged = via_abi.begin(&spec).unwrap();
-        assert_eq!(merged, linked.merged_path(&spec).unwrap());
-        (sc.act)(&merged).unwrap();
+        let begun = via_abi.begin(&spec).unwrap();
+        let spec = SessionSpec {
+            state: begun.state.clone(),
+            ..spec
+        };
+        assert_eq!(begun.merged, spec.base);
+        (sc.act)(&begun.merged).unwrap();
+        via_abi.freeze(&spec).unwrap();
+        assert_eq!(via_abi.content_root(&spec), linked.content_root(&spec));
         for hash_all in [false, true] {
             let opts = layerpack_core::backend::ChangeOptions { hash_all };
             let a = linked.changes(&spec, &opts).unwrap();
@@ -366,4 +392,21 @@ fn change_sets_cross_the_abi_unchanged() {
     assert!(compared >= 20, "only {compared} scenarios compared");
     assert!(changes > 100, "only {changes} changes compared");
     fs::remove_dir_all(&d).unwrap();
+    passed()
 }
+
+layerpack_tests::test_main!(
+    a_missing_file_is_named,
+    a_file_that_is_not_a_shared_library_is_refused,
+    a_library_without_the_entry_symbol_is_refused,
+    an_abi_version_out_of_range_is_named_with_the_supported_range,
+    a_plugin_of_the_old_abi_1_is_refused_naming_both_versions,
+    a_longer_table_is_accepted_and_a_short_one_refused,
+    a_name_taken_by_a_built_in_is_refused,
+    a_plugin_writable_by_another_user_is_refused_when_root,
+    a_panic_in_any_entry_point_is_an_error_and_the_host_keeps_running,
+    backends_lists_plugins_with_path_and_abi,
+    the_example_plugin_is_chosen_by_name_and_passes_the_suite,
+    a_bad_plugin_in_the_config_is_a_clear_error,
+    change_sets_cross_the_abi_unchanged,
+);

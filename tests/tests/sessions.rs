@@ -53,9 +53,12 @@ fn with_ctx<T>(state: &Path, f: impl FnOnce(&Context) -> T) -> T {
 
 /// `final` of `pkg` with no outputs, expected to fail.
 fn final_err(ctx: &Context, pkg: &str) -> layerpack_core::Error {
-    ctx.finish(pkg, Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-        Ok(())
-    })
+    ctx.finish(
+        pkg,
+        Finish::MoveDown,
+        &ChangeOptions::default(),
+        |_, _, _| Ok(()),
+    )
     .err()
     .expect("final should fail")
 }
@@ -105,7 +108,7 @@ fn init_and_final_capture_changes() {
                 "hello",
                 Finish::MoveDown,
                 &ChangeOptions::default(),
-                |_, cs| {
+                |_, cs, _| {
                     seen = cs.len();
                     Ok(())
                 },
@@ -155,9 +158,12 @@ fn second_init_of_open_package_is_refused_and_keeps_the_session() {
             fs::read(fx.state().join("sessions/p/session.json")).unwrap(),
             before
         );
-        ctx.finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-            Ok(())
-        })
+        ctx.finish(
+            "p",
+            Finish::MoveDown,
+            &ChangeOptions::default(),
+            |_, _, _| Ok(()),
+        )
         .unwrap();
     });
 }
@@ -307,17 +313,25 @@ fn failed_output_keeps_the_session_for_a_rerun() {
         ctx.init("p", &fx.root(), None, None).unwrap();
         fs::write(fx.root().join("etc/new"), b"n").unwrap();
         let e = ctx
-            .finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, _| {
-                Err(layerpack_core::Error::new(ErrorKind::Io, "disk full"))
-            })
+            .finish(
+                "p",
+                Finish::MoveDown,
+                &ChangeOptions::default(),
+                |_, _, _| Err(layerpack_core::Error::new(ErrorKind::Io, "disk full")),
+            )
             .err()
             .unwrap();
         assert_eq!(e.kind(), ErrorKind::Io);
         let mut n = 0;
-        ctx.finish("p", Finish::MoveDown, &ChangeOptions::default(), |_, cs| {
-            n = cs.len();
-            Ok(())
-        })
+        ctx.finish(
+            "p",
+            Finish::MoveDown,
+            &ChangeOptions::default(),
+            |_, cs, _| {
+                n = cs.len();
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(n, 1);
     });
@@ -330,10 +344,15 @@ fn discard_is_refused_by_snapshot_before_anything_is_written() {
         ctx.init("p", &fx.root(), None, None).unwrap();
         let mut called = false;
         let e = ctx
-            .finish("p", Finish::Discard, &ChangeOptions::default(), |_, _| {
-                called = true;
-                Ok(())
-            })
+            .finish(
+                "p",
+                Finish::Discard,
+                &ChangeOptions::default(),
+                |_, _, _| {
+                    called = true;
+                    Ok(())
+                },
+            )
             .err()
             .unwrap();
         assert_eq!(e.kind(), ErrorKind::Unsupported);

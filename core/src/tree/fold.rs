@@ -26,6 +26,23 @@ pub struct FoldOptions {
     pub fail_after: Option<usize>,
 }
 
+/// The environment variable behind [`FoldOptions::from_env`].
+pub const FOLD_FAIL_AFTER_ENV: &str = "LAYERPACK_TEST_FOLD_FAIL_AFTER";
+
+impl FoldOptions {
+    /// Options for a real fold: a failpoint only when the test-only
+    /// variable `LAYERPACK_TEST_FOLD_FAIL_AFTER` is set (crash tests kill
+    /// a real `final` mid-fold with it). Not a user setting, so it is not
+    /// in the config.
+    pub fn from_env() -> FoldOptions {
+        FoldOptions {
+            fail_after: std::env::var(FOLD_FAIL_AFTER_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
 struct Folder<'a> {
     upper: &'a Path,
     base: &'a Path,

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use layerpack_core::backend::{
-    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    BackendState, Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    Unavailable,
 };
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::ChangeSet;
@@ -144,11 +145,14 @@ impl LayerBackend for CopyBackend {
             Ok(o) if o.status.success() && o.stdout.starts_with(b"cp (GNU coreutils)") => {
                 Probe::Available
             }
-            _ => Probe::Unavailable("needs GNU cp (cp -a --reflink) on the PATH".into()),
+            _ => Probe::Unavailable(Unavailable::Missing {
+                what: "GNU cp".into(),
+                hint: "install coreutils (cp -a --reflink) on the PATH".into(),
+            }),
         }
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
         let copy = Self::copy_dir(spec);
         fs::create_dir(&copy).map_err(|e| Error::io(&copy, "cannot create", e))?;
         let done = self.cp(&spec.base, &copy).and_then(|()| {
@@ -159,11 +163,11 @@ impl LayerBackend for CopyBackend {
             let _ = Self::drop_copy(spec);
             return Err(e);
         }
-        Ok(spec.base.clone())
-    }
-
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        Ok(spec.base.clone())
+        // Everything it needs is in the session directory: no state.
+        Ok(Begun {
+            merged: spec.base.clone(),
+            state: BackendState::default(),
+        })
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
@@ -194,7 +198,7 @@ impl LayerBackend for CopyBackend {
         if spec.dir.join(COMPLETE).exists() {
             Health::Ok
         } else {
-            Health::Stale(format!(
+            Health::Broken(format!(
                 "the copy of the root is missing or incomplete; run `layerpack abort {}`",
                 spec.package
             ))

@@ -1,18 +1,19 @@
 //! A backend plugin that misbehaves on purpose, for the loader tests.
 //!
-//! With the `export` feature it is an ABI 1 plugin named `faulty` whose
+//! With the `export` feature it is an ABI 2 plugin named `faulty` whose
 //! `panic_in` setting names the entry point that panics (`create`,
-//! `capabilities`, `probe`, `begin`, `merged_path`, `changes`,
-//! `move_down`, `discard`, `release`, `health`, `destroy`); otherwise it
-//! does nothing useful but succeeds. With `abi3` it exports only an ABI 3
-//! entry symbol; with `appended`, an ABI 1 table followed by a field a
-//! newer release might add (a larger `struct_size`); with `truncated`, a
-//! table whose `struct_size` is too small; with none, no entry symbol.
+//! `capabilities`, `probe`, `begin`, `freeze`, `thaw`, `content_root`,
+//! `changes`, `move_down`, `discard`, `release`, `health`, `destroy`);
+//! otherwise it does nothing useful but succeeds. With `abi3` it exports
+//! only an ABI 3 entry symbol, with `abi1` only the ABI 1 symbol of older
+//! releases; with `appended`, an ABI 2 table followed by a field a newer
+//! release might add (a larger `struct_size`); with `truncated`, a table
+//! whose `struct_size` is too small; with none, no entry symbol.
 
 use std::path::PathBuf;
 
 use layerpack_core::backend::{
-    Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
+    BackendState, Begun, Capabilities, ChangeOptions, Health, LayerBackend, Probe, SessionSpec,
 };
 use layerpack_core::config::BackendConfig;
 use layerpack_core::model::ChangeSet;
@@ -80,14 +81,30 @@ impl LayerBackend for Faulty {
         Probe::Available
     }
 
-    fn begin(&self, spec: &SessionSpec) -> Result<PathBuf> {
+    fn begin(&self, spec: &SessionSpec) -> Result<Begun> {
         self.maybe_panic("begin");
-        Ok(spec.dir.join("merged"))
+        Ok(Begun {
+            merged: spec.dir.join("merged"),
+            state: BackendState {
+                version: 7,
+                data: serde_json::json!({"faulty": true}),
+            },
+        })
     }
 
-    fn merged_path(&self, spec: &SessionSpec) -> Result<PathBuf> {
-        self.maybe_panic("merged_path");
-        Ok(spec.dir.join("merged"))
+    fn freeze(&self, _spec: &SessionSpec) -> Result<()> {
+        self.maybe_panic("freeze");
+        Ok(())
+    }
+
+    fn thaw(&self, _spec: &SessionSpec) -> Result<()> {
+        self.maybe_panic("thaw");
+        Ok(())
+    }
+
+    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+        self.maybe_panic("content_root");
+        spec.dir.join("content")
     }
 
     fn changes(&self, _spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
@@ -116,41 +133,50 @@ impl LayerBackend for Faulty {
     }
 }
 
-// One ABI 1 entry point per build: `appended`/`truncated` replace `export`.
+// One ABI 2 entry point per build: `appended`/`truncated` replace `export`.
 #[cfg(all(
     feature = "export",
     not(any(feature = "appended", feature = "truncated"))
 ))]
 layerpack_core::export_backend!(Faulty);
 
-/// A table as a newer release might write it: ABI 1 plus an appended
+/// A table as a newer release might write it: ABI 2 plus an appended
 /// field, announced by a larger `struct_size`.
 #[cfg(any(feature = "appended", feature = "truncated"))]
 #[repr(C)]
 pub struct TableWithMore {
-    /// The ABI 1 part.
-    pub v1: layerpack_core::plugin::TableV1,
+    /// The ABI 2 part.
+    pub v2: layerpack_core::plugin::TableV2,
     /// What a newer release appended.
     pub appended: usize,
 }
 
 #[cfg(any(feature = "appended", feature = "truncated"))]
 static MORE: TableWithMore = {
-    let mut v1 = layerpack_core::plugin::table_v1::<Faulty>();
-    v1.struct_size = if cfg!(feature = "truncated") {
+    let mut v2 = layerpack_core::plugin::table_v2::<Faulty>();
+    v2.struct_size = if cfg!(feature = "truncated") {
         8
     } else {
         std::mem::size_of::<TableWithMore>() as u32
     };
-    TableWithMore { v1, appended: 42 }
+    TableWithMore { v2, appended: 42 }
 };
 
-/// ABI 1 entry point returning the extended (or truncated) table.
+/// ABI 2 entry point returning the extended (or truncated) table.
 #[cfg(any(feature = "appended", feature = "truncated"))]
 #[allow(unsafe_code)]
 #[no_mangle]
-pub extern "C" fn layerpack_backend_v1() -> *const layerpack_core::plugin::TableV1 {
-    &MORE.v1
+pub extern "C" fn layerpack_backend_v2() -> *const layerpack_core::plugin::TableV2 {
+    &MORE.v2
+}
+
+/// The entry point of an ABI 1 plugin (older releases): the host refuses
+/// the version before it reads the table.
+#[cfg(feature = "abi1")]
+#[allow(unsafe_code)]
+#[no_mangle]
+pub extern "C" fn layerpack_backend_v1() -> *const u8 {
+    std::ptr::null()
 }
 
 /// An entry point for an ABI this host does not know (its table is never
