@@ -453,6 +453,31 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// Finding: a missing `mode` file used to make an in-place session
+    /// look like a merged one. A session without its recorded state is
+    /// now an error, never a guess.
+    #[test]
+    fn a_session_without_its_recorded_state_is_an_error_not_a_guess() {
+        let (root, spec) = fake_setup("nostate");
+        let fake = Arc::new(FakeSys::new());
+        let b = OverlayBackend::new(in_place(), &root)
+            .in_user_namespace(true)
+            .with_sys(fake.clone());
+        let begun = b.begin(&spec).unwrap();
+        assert_eq!(begun.merged, spec.base);
+        // The state as begin returned it is not handed back.
+        let e = b.changes(&spec, &ChangeOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(matches!(b.health(&spec), Health::Broken(_)));
+        assert_eq!(b.freeze(&spec).unwrap_err().kind(), ErrorKind::Corrupt);
+        let spec = SessionSpec {
+            state: begun.state,
+            ..spec
+        };
+        b.discard(&spec).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     /// A failing overlay mount undoes the bind mount and the directories.
     #[test]
     fn failed_mount_undoes_everything() {

@@ -112,7 +112,9 @@ impl Context<'_> {
             &Entry {
                 package: pkg.to_string(),
                 session_dir: session_dir.clone(),
+                root_was_mount_point: crate::roots::is_mount_point(&place.path)?,
                 root: place,
+                orphaned_mounts: Vec::new(),
             },
         )?;
 
@@ -288,20 +290,10 @@ impl Context<'_> {
     fn unmount_leftovers(&self, pkg: &str) -> Result<Vec<PathBuf>> {
         use std::os::unix::ffi::OsStrExt;
         let dir = self.state.session_dir(pkg);
-        let d = dir.as_os_str().as_bytes();
-        let mounts = crate::sys::read_mountinfo()
+        let mounts = crate::sys::mounts_referring_to(&dir)
             .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))?;
-        let mention = |hay: &[u8]| {
-            hay.windows(d.len() + 1)
-                .any(|w| w.starts_with(d) && matches!(w[d.len()], b'/' | b',' | b':'))
-        };
         let mut done = Vec::new();
-        for m in mounts.iter().rev() {
-            let inside = m.mount_point.starts_with(d)
-                && m.mount_point.get(d.len()).is_none_or(|c| *c == b'/');
-            if !(inside || mention(&m.super_options) || mention(&m.source)) {
-                continue;
-            }
+        for m in mounts {
             let at = PathBuf::from(std::ffi::OsStr::from_bytes(&m.mount_point));
             nix::mount::umount2(&at, nix::mount::MntFlags::empty()).map_err(|e| {
                 Error::io(

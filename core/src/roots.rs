@@ -112,6 +112,23 @@ pub struct Entry {
     pub session_dir: PathBuf,
     /// Where its root lies.
     pub root: Place,
+    /// Whether something was mounted right on the root when the session
+    /// began (so a mount found there later was not left by it).
+    #[serde(default)]
+    pub root_was_mount_point: bool,
+    /// Mounts left by a session whose directory is gone (its state
+    /// directory was removed or moved while the session was open).
+    #[serde(skip)]
+    pub orphaned_mounts: Vec<PathBuf>,
+}
+
+/// Is something mounted right at `path`?
+pub fn is_mount_point(path: &Path) -> Result<bool> {
+    let mounts = read_mountinfo()
+        .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))?;
+    Ok(mounts
+        .iter()
+        .any(|m| m.mount_point == path.as_os_str().as_bytes()))
 }
 
 /// The per-user registry of open sessions' roots.
@@ -198,9 +215,28 @@ impl Roots {
                 )
                 .with_path(&p)
             })?;
+            let mut e = e;
             if !e.session_dir.exists() {
-                let _ = fs::remove_file(&p);
-                continue;
+                // Gone for good, unless something it mounted is still
+                // there: a mount naming the session, or one on the root
+                // that was not there when the session began.
+                let left = crate::sys::mounts_referring_to(&e.session_dir).map_err(|err| {
+                    Error::io("/proc/self/mountinfo", "cannot read the mount table", err)
+                })?;
+                e.orphaned_mounts = left
+                    .iter()
+                    .map(|m| PathBuf::from(std::ffi::OsStr::from_bytes(&m.mount_point)))
+                    .collect();
+                if !e.root_was_mount_point
+                    && is_mount_point(&e.root.path)?
+                    && !e.orphaned_mounts.contains(&e.root.path)
+                {
+                    e.orphaned_mounts.push(e.root.path.clone());
+                }
+                if e.orphaned_mounts.is_empty() {
+                    let _ = fs::remove_file(&p);
+                    continue;
+                }
             }
             out.push(e);
         }
@@ -213,6 +249,23 @@ impl Roots {
         for other in self.entries(held)? {
             if other.session_dir == entry.session_dir {
                 continue;
+            }
+            if entry.root.overlaps(&other.root) && !other.orphaned_mounts.is_empty() {
+                let list: Vec<String> = other
+                    .orphaned_mounts
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect();
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "the session of package '{}' on {} lost its state directory ({} is gone) but its mounts remain: {}; run `umount` on each (as root), then init again",
+                        other.package,
+                        other.root.path.display(),
+                        other.session_dir.display(),
+                        list.join(", ")
+                    ),
+                ));
             }
             if entry.root.overlaps(&other.root) {
                 let how = if entry.root.inode == other.root.inode {

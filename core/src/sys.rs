@@ -193,6 +193,29 @@ pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
     parse_mountinfo(&std::fs::read("/proc/self/mountinfo")?)
 }
 
+/// The mounts of this process that are mounted inside `dir` or name it
+/// in their source or options (an overlay whose upper layer is there),
+/// innermost (latest) first.
+pub fn mounts_referring_to(dir: &Path) -> io::Result<Vec<MountInfo>> {
+    use std::os::unix::ffi::OsStrExt;
+    let d = dir.as_os_str().as_bytes();
+    let mention = |hay: &[u8]| {
+        hay.windows(d.len() + 1)
+            .any(|w| w.starts_with(d) && matches!(w[d.len()], b'/' | b',' | b':'))
+            || hay.ends_with(d)
+    };
+    let mut out: Vec<MountInfo> = read_mountinfo()?
+        .into_iter()
+        .filter(|m| {
+            let inside = m.mount_point.starts_with(d)
+                && m.mount_point.get(d.len()).is_none_or(|c| *c == b'/');
+            inside || mention(&m.super_options) || mention(&m.source)
+        })
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
 /// Is something (of `fstype`) mounted at `target`, per mountinfo `text`.
 /// Paths compare as bytes; a malformed mountinfo is an error.
 pub fn mountinfo_has(text: &[u8], target: &Path, fstype: Option<&str>) -> io::Result<bool> {

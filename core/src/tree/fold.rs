@@ -114,7 +114,9 @@ impl Folder<'_> {
                 let abs = r.path.under(&u);
                 if self.format.entry(&r, &abs) != UpperEntry::Content {
                     markers.push(abs);
-                } else if r.kind != FileKind::Symlink {
+                } else {
+                    // Symlinks too (a copied-up link carries them after
+                    // `touch -h`); the calls never follow the link.
                     strip_internal_xattrs(&abs)
                         .map_err(self.io(&abs, "cannot clear overlay xattrs"))?;
                 }
@@ -124,10 +126,7 @@ impl Folder<'_> {
                 rm_rf(&m).map_err(self.io(&m, "cannot remove a marker"))?;
             }
         }
-        if !fs::symlink_metadata(&u)
-            .map(|m| m.file_type().is_symlink())
-            .unwrap_or(true)
-        {
+        if fs::symlink_metadata(&u).is_ok() {
             strip_internal_xattrs(&u).map_err(self.io(&u, "cannot clear overlay xattrs"))?;
         }
         self.step()?;

@@ -11,6 +11,7 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::beneath::Beneath;
 use crate::model::{Change, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::{
     classify_by_stat, compare_by_hash, hash_file, meta_differs, LinkGroups, Record, ScanOptions,
@@ -163,19 +164,22 @@ pub fn scan_below(base: &Path, rel: &RelPath) -> Result<Vec<Record>> {
     Ok(out)
 }
 
-fn base_record(base: &Path, rel: &RelPath) -> Result<Option<Record>> {
+/// The base's entry at `rel`, as the union saw it: a path below a
+/// symlink of the base (`lib -> usr/lib`, then `lib/foo`) does not exist
+/// there, whatever the link points at, so no symlink is followed.
+fn base_record(base_dir: &Beneath, base: &Path, rel: &RelPath) -> Result<Option<Record>> {
     let abs = rel.under(base);
-    match std::fs::symlink_metadata(&abs) {
-        Ok(_) => Record::read(&abs, rel.clone(), true).map(Some),
-        // Absent, or a parent is not a directory in the base.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+    match base_dir.stat(rel) {
+        Ok(Some(_)) => Record::read(&abs, rel.clone(), true).map(Some),
+        // Absent, or something on the way is not a directory in the base.
+        Ok(None) => Ok(None),
         Err(e) => Err(Error::io(&abs, "cannot stat in the base", e)),
     }
 }
 
 /// Read `upper` (in `format`) against `base` as a change set.
 pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<ChangeSet> {
+    let base_dir = Beneath::open(base)?;
     let mut changes: BTreeMap<RelPath, Change> = BTreeMap::new();
     let mut present: HashSet<RelPath> = HashSet::new();
     let mut hidden: Vec<RelPath> = Vec::new();
@@ -201,7 +205,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
                 let shadowed =
                     target != r.path && fs::symlink_metadata(target.under(upper)).is_ok();
                 if !shadowed {
-                    if let Some(old) = base_record(base, &target)? {
+                    if let Some(old) = base_record(&base_dir, base, &target)? {
                         for b in scan_below(base, &old.path)? {
                             deleted(&mut changes, &b);
                         }
@@ -211,7 +215,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             }
             UpperEntry::Content => {}
         }
-        let old = base_record(base, &r.path)?;
+        let old = base_record(&base_dir, base, &r.path)?;
         present.insert(r.path.clone());
         let verdict = match &old {
             None => Some(ChangeKind::Added),
