@@ -25,7 +25,7 @@ use layerpack_core::config::BackendConfig;
 use layerpack_core::model::{ChangeSet, FileKind};
 use layerpack_core::registry::{Origin, Registry};
 use layerpack_core::tree::{
-    classify_by_stat, compare_by_hash, diff_streams, hash_file, meta_differs, read_xattrs,
+    classify_by_stat, compare_by_hash, diff_streams, hash_file, meta_differs, reach, read_xattrs,
     Progress, Record, ScanOptions, TreeScan, Verdict,
 };
 use layerpack_core::{Error, Result};
@@ -190,7 +190,7 @@ impl LayerBackend for SnapshotBackend {
                 let mut rec = rec?;
                 let racy = rec.mtime_ns.max(rec.ctime_ns) >= racy_from;
                 if rec.kind == FileKind::File && (header.hash_all || racy) {
-                    rec.sha256 = Some(hash_file(&rec.path.under(&spec.base))?);
+                    rec.sha256 = Some(hash_file(&reach(&spec.base, &rec.path)?)?);
                 }
                 w.push(&rec)?;
             }
@@ -231,7 +231,7 @@ impl LayerBackend for SnapshotBackend {
             |o, n| {
                 let touched = o.ctime_ns != n.ctime_ns || o.ino != n.ino || o.dev != n.dev;
                 n.xattrs = if xattrs && touched {
-                    read_xattrs(&n.path.under(base))?
+                    read_xattrs(&reach(base, &n.path)?)?
                 } else {
                     // ctime unchanged: the xattrs are what they were.
                     o.xattrs.clone()
@@ -243,7 +243,7 @@ impl LayerBackend for SnapshotBackend {
             },
             |n| {
                 if xattrs {
-                    n.xattrs = read_xattrs(&n.path.under(base))?;
+                    n.xattrs = read_xattrs(&reach(base, &n.path)?)?;
                 }
                 Ok(())
             },
@@ -287,7 +287,7 @@ fn decide_same_size_and_mtime(
         Verdict::Same
     };
     if let Some(old_hash) = o.sha256 {
-        return compare_by_hash(o, old_hash, n, &n.path.under(base));
+        return compare_by_hash(o, old_hash, n, &reach(base, &n.path)?);
     }
     if untouched {
         return Ok(Verdict::Same);

@@ -29,7 +29,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Paths longer than this are resolved one component at a time (the
 /// kernel refuses a path argument of `PATH_MAX` bytes or more).
-const LONG_PATH: usize = 3072;
+pub(crate) const LONG_PATH: usize = 3072;
 
 const DIR_OPEN: OFlags = OFlags::DIRECTORY
     .union(OFlags::RDONLY)
@@ -218,6 +218,86 @@ impl Beneath {
     }
 }
 
+/// A path the kernel accepts for an entry at any depth: the path itself
+/// when it is short, else `/proc/self/fd/N/<name>`, N being a descriptor
+/// of its directory opened one component at a time (without following
+/// links) and kept open as long as this value lives. Tree walks, hashing,
+/// packing and the fold reach entries through it, so `PATH_MAX` does not
+/// limit how deep a tree may be.
+#[derive(Debug)]
+pub struct ShortPath {
+    path: PathBuf,
+    _dir: Option<std::sync::Arc<OwnedFd>>,
+}
+
+impl std::ops::Deref for ShortPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for ShortPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Open directory `rel` below `root` one component at a time, following
+/// no link. No descriptor is cached across calls: the fold renames
+/// directories between calls, and a cached one could then stand for
+/// another path.
+pub(crate) fn walk_to(root: &Path, rel: &RelPath) -> io::Result<std::sync::Arc<OwnedFd>> {
+    let mut fd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for comp in rel
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+    {
+        fd = open_child_dir(fd.as_fd(), comp, true)?;
+    }
+    Ok(std::sync::Arc::new(fd))
+}
+
+/// A [`ShortPath`] for `rel` under `root`.
+pub fn reach(root: &Path, rel: &RelPath) -> io::Result<ShortPath> {
+    reach_from(root, rel, None)
+}
+
+/// [`reach`], given the descriptor of `rel`'s directory when the caller
+/// has it open already (a tree walk), which saves the walk.
+pub fn reach_from(
+    root: &Path,
+    rel: &RelPath,
+    dir: Option<&std::sync::Arc<OwnedFd>>,
+) -> io::Result<ShortPath> {
+    let full = rel.under(root);
+    if full.as_os_str().len() < LONG_PATH || rel.is_root() {
+        return Ok(ShortPath {
+            path: full,
+            _dir: None,
+        });
+    }
+    let parent = rel.parent().unwrap_or_default();
+    let fd = match dir {
+        Some(fd) => fd.clone(),
+        None => walk_to(root, &parent)?,
+    };
+    let mut path = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&*fd)
+    ));
+    path.push(os(rel.file_name()));
+    Ok(ShortPath {
+        path,
+        _dir: Some(fd),
+    })
+}
+
 /// Error of a removal, with the mount-point case spelled out.
 pub fn removal_error(path: &Path, e: io::Error) -> Error {
     if e.raw_os_error() == Some(libc::EXDEV) {
@@ -378,6 +458,26 @@ mod tests {
             assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{out}");
         }
         assert!(b.dir(&"lib".into(), Follow::Nothing).unwrap().is_none());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn entries_beyond_path_max_are_reached() {
+        let d = scratch("reach");
+        let b = Beneath::open(&d).unwrap();
+        let mut rel = RelPath::root();
+        for i in 0..300 {
+            rel = rel.join(format!("dir-{i:04}-xxxxxxxxxx").as_bytes());
+        }
+        b.dir_create(&rel, Follow::Nothing).unwrap();
+        let file = rel.join(b"f");
+        let p = reach(&d, &file).unwrap();
+        assert!(p.as_os_str().len() < 100, "{}", p.display());
+        fs::write(&*p, b"deep").unwrap();
+        assert_eq!(fs::read(&*reach(&d, &file).unwrap()).unwrap(), b"deep");
+        let mid = RelPath::from("dir-0000-xxxxxxxxxx");
+        assert!(fs::metadata(&*reach(&d, &mid).unwrap()).unwrap().is_dir());
+        assert!(b.remove(&mid, Follow::Nothing).unwrap());
         fs::remove_dir_all(&d).unwrap();
     }
 

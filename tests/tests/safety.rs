@@ -475,7 +475,105 @@ fn symlinks_lose_overlay_markers_and_symlinked_ancestors_are_not_followed() -> O
     passed()
 }
 
+/// Python that walks (or makes) `sys.argv[1]` nested `dd` directories
+/// below `$LAYERPACK_ROOT` through directory descriptors and then writes
+/// (`w`) or checks (`r`) the file `sys.argv[3]` holding `deep`: no path
+/// names something that deep, and shells cannot `cd` there.
+const DEEP_PY: &str = "import os,sys\nfd=os.open(os.environ['LAYERPACK_ROOT'],os.O_RDONLY)\nfor i in range(int(sys.argv[1])):\n if sys.argv[2]=='make': os.mkdir('dd',dir_fd=fd)\n n=os.open('dd',os.O_RDONLY,dir_fd=fd); os.close(fd); fd=n\nif sys.argv[4]=='w':\n f=os.open(sys.argv[3],os.O_WRONLY|os.O_CREAT,0o644,dir_fd=fd); os.write(f,b'deep')\nelse:\n f=os.open(sys.argv[3],os.O_RDONLY,dir_fd=fd); assert os.read(f,10)==b'deep'\n";
+
+fn deep(levels: usize, make: bool, name: &str, write: bool) -> Vec<String> {
+    [
+        "python3",
+        "-c",
+        DEEP_PY,
+        &levels.to_string(),
+        if make { "make" } else { "walk" },
+        name,
+        if write { "w" } else { "r" },
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run_deep(root: &Path, args: &[String]) -> bool {
+    Command::new(&args[0])
+        .args(&args[1..])
+        .env("LAYERPACK_ROOT", root)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Finding 9: entries whose paths are longer than PATH_MAX made snapshot
+/// `init` and `final` fail with "File name too long". Both backends now
+/// capture, package and fold them, and `apply` installs them.
+fn trees_deeper_than_path_max_are_captured_packaged_and_applied() -> Outcome {
+    if let Some(skip) = missing(&[Need::Tool("python3")]) {
+        return skip;
+    }
+    let overlay = missing(&[Need::Root, Need::Backend("overlayfs")]).is_none();
+    let e = Env::new("deep");
+    // 1,400 levels of "dd/" are 4,200 bytes: past PATH_MAX whatever the prefix.
+    const LEVELS: usize = 1400;
+    let backends: &[&str] = if overlay {
+        &["snapshot", "overlayfs"]
+    } else {
+        &["snapshot"]
+    };
+    for backend in backends {
+        let root = e.dir.join(format!("r-{backend}"));
+        fs::create_dir_all(&root).unwrap();
+        // The base is deep already (snapshot scans it at init).
+        assert!(run_deep(&root, &deep(LEVELS, true, "old", true)));
+        let out = e.dir.join(format!("out-{backend}"));
+        let (r, o) = (e.s(&root), e.s(&out));
+        let mut args: Vec<&str> = vec![
+            "--state-dir",
+            "state",
+            "run",
+            "deep",
+            "--root",
+            &r,
+            "--backend",
+            backend,
+            "--version",
+            "1",
+            "--out",
+            &o,
+            "--",
+        ];
+        let install = deep(LEVELS, false, "new", true);
+        args.extend(install.iter().map(String::as_str));
+        ok(&e.lp(&args));
+        let changes = changes_json(&out, "deep");
+        assert_eq!(changes.len(), 1, "{backend}: {changes:?}");
+        assert_eq!(changes[0].0.matches("dd/").count(), LEVELS, "{backend}");
+        assert!(changes[0].0.ends_with("/new") && changes[0].1 == "added");
+        let target = e.dir.join(format!("t-{backend}"));
+        fs::create_dir(&target).unwrap();
+        ok(&e.lp(&[
+            "apply",
+            &e.s(&out.join("deep_1_all.ipk")),
+            "--root",
+            &e.s(&target),
+        ]));
+        assert!(
+            run_deep(&target, &deep(LEVELS, false, "new", false)),
+            "{backend}: the applied tree lacks the deep file"
+        );
+    }
+    if overlay {
+        passed()
+    } else {
+        Ok(libtest_mimic::Completion::ignored_with(
+            "ran for snapshot only: overlayfs needs root",
+        ))
+    }
+}
+
 layerpack_tests::test_main!(
+    trees_deeper_than_path_max_are_captured_packaged_and_applied,
     one_session_per_tree_across_state_dirs_nested_roots_and_aliases,
     bind_mount_aliases_of_a_root_are_caught,
     an_unreadable_in_place_session_is_unmounted_by_abort_and_the_base_kept,

@@ -417,7 +417,7 @@ impl Plan {
                 if dir.is_root() || map.contains_key(&dir) {
                     break;
                 }
-                let md = fs::symlink_metadata(dir.under(root))
+                let md = fs::symlink_metadata(&*crate::tree::reach(root, &dir)?)
                     .map_err(|e| Error::io(dir.under(root), "cannot read a parent directory", e))?;
                 use std::os::unix::fs::MetadataExt;
                 map.insert(
@@ -532,7 +532,7 @@ fn write_data_tar<W: Write>(
                 format!("{path}: an OCI layer cannot hold a file named .wh.*; it would be read as a whiteout"),
             ));
         }
-        let abs = path.under(root);
+        let abs = crate::tree::reach(root, &path)?;
         let mut link = Vec::new();
         let kind = if let Some(first) = &e.hardlink_to {
             link = prefix.to_vec();

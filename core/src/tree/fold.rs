@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::upper::{UpperEntry, WhiteoutFormat, AUFS_OPAQUE, AUFS_WH_PREFIX};
-use super::{is_internal_xattr, Record};
+use super::{is_internal_xattr, reach, Record};
 use crate::model::{FileKind, RelPath};
 use crate::{Error, ErrorKind, Result};
 
@@ -94,7 +94,7 @@ impl Folder<'_> {
 
     /// Move `rel` (not a whiteout) from the upper into the base.
     fn move_entry(&mut self, rel: &RelPath) -> Result<()> {
-        let (u, b) = (rel.under(self.upper), rel.under(self.base));
+        let (u, b) = (reach(self.upper, rel)?, reach(self.base, rel)?);
         // Strip markers first, so the rename is the step that consumes it.
         // Below a directory the base lacks, whiteouts and opaque markers
         // hide nothing: they go.
@@ -111,7 +111,7 @@ impl Folder<'_> {
                 },
             )? {
                 let r = r?;
-                let abs = r.path.under(&u);
+                let abs = reach(&u, &r.path)?;
                 if self.format.entry(&r, &abs) != UpperEntry::Content {
                     markers.push(abs);
                 } else {
@@ -142,7 +142,7 @@ impl Folder<'_> {
     }
 
     fn fold_dir(&mut self, rel: &RelPath) -> Result<()> {
-        let udir = rel.under(self.upper);
+        let udir = reach(self.upper, rel)?;
         let mut names: Vec<Vec<u8>> = fs::read_dir(&udir)
             .map_err(self.io(&udir, "cannot list upper directory"))?
             .map(|e| e.map(|e| e.file_name().into_encoded_bytes()))
@@ -155,17 +155,17 @@ impl Folder<'_> {
         });
         for name in names {
             let child = rel.join(&name);
-            let (u, b) = (child.under(self.upper), child.under(self.base));
+            let (u, b) = (reach(self.upper, &child)?, reach(self.base, &child)?);
             let ur = Record::read(&u, child.clone(), false)?;
             match self.format.entry(&ur, &u) {
                 UpperEntry::Content => {}
                 UpperEntry::Whiteout(target) => {
                     // A name present in the upper layer wins over its
                     // whiteout: it is folded on its own.
-                    let shadowed =
-                        target != child && fs::symlink_metadata(target.under(self.upper)).is_ok();
+                    let shadowed = target != child
+                        && fs::symlink_metadata(&*reach(self.upper, &target)?).is_ok();
                     if !shadowed {
-                        let tb = target.under(self.base);
+                        let tb = reach(self.base, &target)?;
                         self.step()?;
                         rm_rf(&tb).map_err(self.io(&tb, "cannot delete"))?;
                     }
@@ -243,14 +243,30 @@ fn set_times(p: &Path, md: &fs::Metadata) -> io::Result<()> {
     utimensat(None, p, &a, &m, UtimensatFlags::NoFollowSymlink).map_err(io::Error::from)
 }
 
+/// Stack for the fold, which recurses once per directory level: enough
+/// for trees tens of thousands of levels deep. Only the pages a fold
+/// touches are ever used.
+const FOLD_STACK: usize = 512 << 20;
+
 /// Fold `upper` into `base`; afterwards `upper` is an empty directory.
 pub fn fold(upper: &Path, base: &Path, format: WhiteoutFormat, opts: FoldOptions) -> Result<()> {
-    let mut f = Folder {
-        upper,
-        base,
-        format,
-        ops: 0,
-        fail_after: opts.fail_after,
-    };
-    f.fold_dir(&RelPath::root())
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("layerpack-fold".into())
+            .stack_size(FOLD_STACK)
+            .spawn_scoped(scope, || {
+                let mut f = Folder {
+                    upper,
+                    base,
+                    format,
+                    ops: 0,
+                    fail_after: opts.fail_after,
+                };
+                f.fold_dir(&RelPath::root())
+            })
+            .map_err(|e| Error::io(upper, "cannot start the fold", e))?;
+        worker.join().unwrap_or_else(|p| {
+            std::panic::resume_unwind(p);
+        })
+    })
 }

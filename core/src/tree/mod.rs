@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -187,6 +188,12 @@ pub fn hash_file(abs: &Path) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// A path to `rel` under `root` the kernel accepts at any depth (see
+/// [`crate::beneath::ShortPath`]), errors naming the full path.
+pub fn reach(root: &Path, rel: &RelPath) -> Result<crate::beneath::ShortPath> {
+    crate::beneath::reach(root, rel).map_err(|e| Error::io(rel.under(root), "cannot reach", e))
+}
+
 /// Lower-case hex of a hash.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -236,6 +243,8 @@ struct Job {
     id: u64,
     abs: PathBuf,
     rel: RelPath,
+    /// The parent directory, open, when `abs` is too long for the kernel.
+    parent: Option<Arc<OwnedFd>>,
 }
 
 struct Listing {
@@ -243,6 +252,8 @@ struct Listing {
     /// For each record, the job that lists it, if it is a directory to
     /// descend into.
     jobs: Vec<Option<u64>>,
+    /// This directory, open, when its path is too long for the kernel.
+    own: Option<Arc<OwnedFd>>,
 }
 
 #[derive(Default)]
@@ -256,6 +267,7 @@ struct ScanState {
 }
 
 struct Shared {
+    root: PathBuf,
     state: Mutex<ScanState>,
     work: Condvar,
     finished: Condvar,
@@ -300,8 +312,10 @@ impl TreeScan {
             id: 0,
             abs: root.to_path_buf(),
             rel: RelPath::root(),
+            parent: None,
         });
         let shared = Arc::new(Shared {
+            root: root.to_path_buf(),
             state: Mutex::new(state),
             work: Condvar::new(),
             finished: Condvar::new(),
@@ -366,10 +380,17 @@ fn register(st: &mut ScanState, sh: &Shared, job: &Job, mut l: Listing) -> Listi
             let id = st.next_id;
             st.next_id += 1;
             l.jobs[i] = Some(id);
+            let abs = job.abs.join(OsStr::from_bytes(r.path.file_name()));
+            let parent = if abs.as_os_str().len() >= crate::beneath::LONG_PATH {
+                l.own.clone()
+            } else {
+                None
+            };
             sub.push(Job {
                 id,
-                abs: job.abs.join(OsStr::from_bytes(r.path.file_name())),
+                abs,
                 rel: r.path.clone(),
+                parent,
             });
         }
     }
@@ -408,15 +429,33 @@ fn helper(sh: &Shared) {
     }
 }
 
-/// List and stat one directory, sorted by name.
+/// List and stat one directory, sorted by name. A directory whose path is
+/// too long for the kernel is opened from its parent's descriptor and
+/// read through `/proc/self/fd`, so depth is unlimited.
 fn list_dir(sh: &Shared, job: &Job) -> Result<Listing> {
-    let rd = match fs::read_dir(&job.abs) {
+    let (dir_path, own) = if job.abs.as_os_str().len() < crate::beneath::LONG_PATH {
+        (job.abs.clone(), None)
+    } else {
+        let opened = match &job.parent {
+            Some(p) => {
+                crate::beneath::open_child_dir(p.as_fd(), job.rel.file_name(), true).map(Arc::new)
+            }
+            None => crate::beneath::walk_to(&sh.root, &job.rel),
+        };
+        let fd = opened.map_err(|e| Error::io(&job.abs, "cannot open directory", e))?;
+        (
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            Some(fd),
+        )
+    };
+    let rd = match fs::read_dir(&dir_path) {
         Ok(rd) => rd,
         // Removed while we were looking: it is simply not there.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !job.rel.is_root() => {
             return Ok(Listing {
                 records: Vec::new(),
                 jobs: Vec::new(),
+                own: None,
             })
         }
         Err(e) => return Err(Error::io(&job.abs, "cannot list directory", e)),
@@ -443,7 +482,7 @@ fn list_dir(sh: &Shared, job: &Job) -> Result<Listing> {
         )?);
     }
     let jobs = vec![None; records.len()];
-    Ok(Listing { records, jobs })
+    Ok(Listing { records, jobs, own })
 }
 
 impl Iterator for TreeScan {
@@ -672,7 +711,7 @@ pub fn diff_streams(
         };
         let (kind, mut n) = kind;
         if n.kind == FileKind::File && n.sha256.is_none() {
-            n.sha256 = Some(hash_file(&n.path.under(new_root))?);
+            n.sha256 = Some(hash_file(&reach(new_root, &n.path)?)?);
         }
         let mut meta = n.to_meta();
         meta.link_group = links.assign(&n);
@@ -708,8 +747,8 @@ pub fn diff_trees(before: &Path, after: &Path, opts: &ScanOptions) -> Result<Cha
             if let Some(v) = classify_by_stat(o, n) {
                 return Ok(v);
             }
-            let old_hash = hash_file(&o.path.under(&before))?;
-            compare_by_hash(o, old_hash, n, &n.path.under(after))
+            let old_hash = hash_file(&reach(&before, &o.path)?)?;
+            compare_by_hash(o, old_hash, n, &reach(after, &n.path)?)
         },
         |_| Ok(()),
     )

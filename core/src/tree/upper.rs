@@ -14,8 +14,8 @@ use std::path::Path;
 use crate::beneath::Beneath;
 use crate::model::{Change, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::{
-    classify_by_stat, compare_by_hash, hash_file, meta_differs, LinkGroups, Record, ScanOptions,
-    TreeScan, Verdict,
+    classify_by_stat, compare_by_hash, hash_file, meta_differs, reach, LinkGroups, Record,
+    ScanOptions, TreeScan, Verdict,
 };
 use crate::{Error, ErrorKind, Result};
 
@@ -152,10 +152,11 @@ impl WhiteoutFormat {
 
 /// Every entry of the base at and below `rel` (records with full paths).
 pub fn scan_below(base: &Path, rel: &RelPath) -> Result<Vec<Record>> {
-    let top = Record::read(&rel.under(base), rel.clone(), true)?;
+    let at = reach(base, rel)?;
+    let top = Record::read(&at, rel.clone(), true)?;
     let mut out = vec![top.clone()];
     if top.kind == FileKind::Dir {
-        for r in TreeScan::start(&rel.under(base), ScanOptions::default())? {
+        for r in TreeScan::start(&at, ScanOptions::default())? {
             let mut r = r?;
             r.path = RelPath::from_normalized([rel.as_bytes(), b"/", r.path.as_bytes()].concat());
             out.push(r);
@@ -170,7 +171,7 @@ pub fn scan_below(base: &Path, rel: &RelPath) -> Result<Vec<Record>> {
 fn base_record(base_dir: &Beneath, base: &Path, rel: &RelPath) -> Result<Option<Record>> {
     let abs = rel.under(base);
     match base_dir.stat(rel) {
-        Ok(Some(_)) => Record::read(&abs, rel.clone(), true).map(Some),
+        Ok(Some(_)) => Record::read(&reach(base, rel)?, rel.clone(), true).map(Some),
         // Absent, or something on the way is not a directory in the base.
         Ok(None) => Ok(None),
         Err(e) => Err(Error::io(&abs, "cannot stat in the base", e)),
@@ -196,14 +197,14 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
     };
     for rec in TreeScan::start(upper, ScanOptions::default())? {
         let mut r = rec?;
-        let abs = r.path.under(upper);
+        let abs = reach(upper, &r.path)?;
         format.check_supported(&abs)?;
         match format.entry(&r, &abs) {
             UpperEntry::Internal => continue,
             UpperEntry::Whiteout(target) => {
                 // A name present in the upper layer wins over its whiteout.
                 let shadowed =
-                    target != r.path && fs::symlink_metadata(target.under(upper)).is_ok();
+                    target != r.path && fs::symlink_metadata(&*reach(upper, &target)?).is_ok();
                 if !shadowed {
                     if let Some(old) = base_record(&base_dir, base, &target)? {
                         for b in scan_below(base, &old.path)? {
@@ -237,7 +238,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
                 let v = match classify_by_stat(o, &r) {
                     Some(v) => v,
                     None => {
-                        let old_hash = hash_file(&o.path.under(base))?;
+                        let old_hash = hash_file(&reach(base, &o.path)?)?;
                         compare_by_hash(o, old_hash, &mut r, &abs)?
                     }
                 };
