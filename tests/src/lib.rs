@@ -100,6 +100,20 @@ pub fn passed() -> Outcome {
     Ok(Completion::Completed)
 }
 
+/// Words of `LAYERPACK_REQUIRE` that are not backend names: the
+/// environment (`root`, `user-xattrs`, `plugins`) and the tools the tests
+/// use as independent oracles.
+pub const REQUIRE_WORDS: &[&str] = &[
+    "root",
+    "user-xattrs",
+    "plugins",
+    "dpkg-deb",
+    "dpkg",
+    "bsdtar",
+    "python3",
+    "tar",
+];
+
 /// Something a test needs from the machine it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {

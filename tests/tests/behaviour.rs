@@ -15,7 +15,7 @@ use std::sync::Arc;
 use layerpack_core::config::BackendConfig;
 use layerpack_core::registry::Registry;
 use layerpack_core::scenarios;
-use layerpack_tests::{build_plugin, builtin_registry, required_backends};
+use layerpack_tests::{build_plugin, builtin_registry, required_backends, REQUIRE_WORDS};
 
 type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
 
@@ -40,8 +40,12 @@ fn main() -> ExitCode {
     std::fs::create_dir_all(&work).expect("create test directory");
 
     for name in &required {
-        if registry.origin(name).is_none() {
-            eprintln!("LAYERPACK_REQUIRE names unknown backend '{name}'");
+        if registry.origin(name).is_none() && !REQUIRE_WORDS.contains(&name.as_str()) {
+            eprintln!(
+                "LAYERPACK_REQUIRE names '{name}', which is neither a backend ({}) nor one of {}",
+                registry.names().join(", "),
+                REQUIRE_WORDS.join(", ")
+            );
             return ExitCode::FAILURE;
         }
     }
@@ -72,7 +76,11 @@ fn main() -> ExitCode {
     for (label, name, make) in sources {
         let registry = make();
         let name = name.as_str();
-        let must_run = required.iter().any(|r| r == name);
+        // A backend through the ABI is required with the backend itself,
+        // by its test prefix, or by `plugins` (every plugin build).
+        let must_run = required
+            .iter()
+            .any(|r| r == name || *r == label || (r == "plugins" && label.starts_with("plugin-")));
         let probe = registry
             .create(name, &BackendConfig::empty(name))
             .map(|b| (b.probe(), b.capabilities()));
