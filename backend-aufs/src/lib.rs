@@ -78,16 +78,30 @@ pub struct MoveDownReport {
     pub stopped: Option<String>,
 }
 
-/// The first path below `root` whose name starts with `.wh.` (aufs would
-/// take it for a whiteout). Reads names only.
-pub fn find_wh_name(root: &Path) -> Result<Option<PathBuf>> {
+/// A name below a root that aufs cannot hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unholdable {
+    /// It starts with `.wh.` (aufs would take it for a whiteout).
+    WhName(PathBuf),
+    /// It is longer than `AUFS_MAX_NAMELEN` (the length is given).
+    TooLong(PathBuf, usize),
+}
+
+/// The first path below `root` whose name aufs cannot hold. Reads names
+/// only.
+pub fn find_unholdable_name(root: &Path) -> Result<Option<Unholdable>> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, "cannot list", e))?;
         for e in rd {
             let e = e.map_err(|e| Error::io(&dir, "cannot list", e))?;
-            if e.file_name().as_encoded_bytes().starts_with(AUFS_WH_PREFIX) {
-                return Ok(Some(e.path()));
+            let name = e.file_name();
+            let name = name.as_encoded_bytes();
+            if name.starts_with(AUFS_WH_PREFIX) {
+                return Ok(Some(Unholdable::WhName(e.path())));
+            }
+            if name.len() > usize::from(mvdown::AUFS_MAX_NAMELEN) {
+                return Ok(Some(Unholdable::TooLong(e.path(), name.len())));
             }
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(e.path());
@@ -160,16 +174,24 @@ impl AufsBackend {
             "aufs cannot use an aufs directory as a branch here",
         )?;
         session.check_same_filesystem()?;
-        if let Some(p) = find_wh_name(&spec.base)? {
-            return Err(Error::new(
+        match find_unholdable_name(&spec.base)? {
+            Some(Unholdable::WhName(p)) => Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
                     "{} starts with .wh., which aufs takes for a whiteout, so it cannot hold this root; use the overlayfs or snapshot backend",
                     p.display()
                 ),
-            ));
+            )),
+            Some(Unholdable::TooLong(p, len)) => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: its name is {len} bytes, and aufs holds names of at most {} bytes (AUFS_MAX_NAMELEN), so it cannot hold this root; use the overlayfs or snapshot backend",
+                    p.display(),
+                    mvdown::AUFS_MAX_NAMELEN
+                ),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Move every new single-link regular file down with the ioctl, through
@@ -292,6 +314,7 @@ impl LayerBackend for AufsBackend {
             in_place: self.cfg.in_place,
             records_ownership: false,
             reserves_wh_names: true,
+            max_name_len: Some(mvdown::AUFS_MAX_NAMELEN),
         }
     }
 

@@ -130,6 +130,11 @@ pub enum Outcome {
     Fatal(Error),
 }
 
+/// `AUFS_MAX_NAMELEN` of `include/uapi/linux/aufs_type.h`: `NAME_MAX`
+/// less room for two `.wh.` prefixes, a dot and four characters. aufs
+/// refuses longer names with `ENAMETOOLONG`.
+pub const AUFS_MAX_NAMELEN: u16 = 242;
+
 /// Classify the result of the ioctl on `path`.
 pub fn outcome(path: &Path, result: io::Result<()>, arg: &[u8]) -> Outcome {
     let (_, au) = decode(arg);
@@ -151,6 +156,14 @@ pub fn outcome(path: &Path, result: io::Result<()>, arg: &[u8]) -> Outcome {
         )),
         // A symlink or fifo that replaced the file since the scan.
         (libc::ELOOP | libc::ENXIO, _) => Outcome::FoldLater(why),
+        // A name past aufs's own limit, or a path aufs will not move
+        // across branches: the fold works on the base's filesystem itself.
+        (libc::ENAMETOOLONG, _) => Outcome::FoldLater(format!(
+            "{why}: longer than aufs's name limit ({AUFS_MAX_NAMELEN} bytes)"
+        )),
+        (libc::EXDEV, _) => {
+            Outcome::FoldLater(format!("{why}: aufs will not move it across branches"))
+        }
         (libc::ENOTTY, _) => Outcome::StopOnline(format!(
             "{why}: not an aufs mount, or an aufs built without move-down"
         )),

@@ -210,6 +210,10 @@ fn declined_and_unsupported_ioctls_fall_back_to_the_fold() {
         (libc::EEXIST, 0, false),
         (libc::EBUSY, 0, false),
         (libc::EINVAL, 1, false),
+        // Seen on a real aufs: a name past AUFS_MAX_NAMELEN, and a
+        // directory with children on two branches.
+        (libc::ENAMETOOLONG, 0, false),
+        (libc::EXDEV, 0, false),
         (libc::ENOTTY, 0, true),
     ] {
         let mut fx = setup(&format!("decline{errno}-{au_errno}"));
@@ -328,6 +332,28 @@ fn a_root_holding_wh_names_is_refused_naming_the_path() {
     assert!(err.to_string().contains("etc/.wh.keep"), "{err}");
     assert!(fake.calls().is_empty());
     assert_eq!(fs::read_dir(&fx.spec.dir).unwrap().count(), 0);
+}
+
+/// aufs holds names of at most 242 bytes (AUFS_MAX_NAMELEN): the backend
+/// declares it, scenario 20 uses it, and a root holding a longer name is
+/// refused at begin naming the path and the limit, before any mount.
+#[test]
+fn a_root_holding_a_name_past_aufs_s_limit_is_refused_naming_it() {
+    let fx = setup("namelen");
+    let fake = Arc::new(FakeSys::new());
+    let b = backend(&fx, AufsConfig::default(), &fake);
+    assert_eq!(b.capabilities().max_name_len, Some(242));
+    assert_eq!(
+        layerpack_core::scenarios::long_name_len(&b.capabilities()),
+        242
+    );
+    layerpack_core::scenarios::check_name_limit(&b, &fx.root.join("work")).unwrap();
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    // A name of exactly 242 bytes is fine.
+    fs::write(fx.spec.base.join("n".repeat(242)), b"x").unwrap();
+    let mut fx = fx;
+    begin(&mut fx, &b);
+    b.discard(&fx.spec).unwrap();
 }
 
 #[test]

@@ -211,6 +211,7 @@ impl LayerBackend for OverlayBackend {
             in_place: self.cfg.in_place,
             records_ownership: false,
             reserves_wh_names: false,
+            max_name_len: None,
         }
     }
 

@@ -169,6 +169,7 @@ impl LayerBackend for SnapshotBackend {
             in_place: true,
             records_ownership: false,
             reserves_wh_names: false,
+            max_name_len: None,
         }
     }
 

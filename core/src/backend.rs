@@ -29,6 +29,11 @@ pub struct Capabilities {
     /// Names starting with `.wh.` are the filesystem's whiteouts (aufs):
     /// a root holding such a name is refused at `begin`.
     pub reserves_wh_names: bool,
+    /// The longest file name (bytes) the merged view can hold, when it is
+    /// shorter than the usual 255 (aufs: 242). An install that creates a
+    /// longer one gets `ENAMETOOLONG`; a root that holds one is refused at
+    /// `begin`, naming the path and the limit.
+    pub max_name_len: Option<u16>,
 }
 
 impl Capabilities {

@@ -392,7 +392,8 @@ pub const CAP_RECORDS_OWNERSHIP: u64 = 1 << 5;
 /// Capability bit: [`Capabilities::reserves_wh_names`].
 pub const CAP_RESERVES_WH_NAMES: u64 = 1 << 6;
 
-/// Capabilities as `CAP_*` bits.
+/// Capabilities as `CAP_*` bits; bits 32 to 47 carry
+/// [`Capabilities::max_name_len`] (0: no limit of its own).
 pub fn caps_to_bits(c: &Capabilities) -> u64 {
     let Capabilities {
         can_discard,
@@ -402,7 +403,9 @@ pub fn caps_to_bits(c: &Capabilities) -> u64 {
         in_place,
         records_ownership,
         reserves_wh_names,
+        max_name_len,
     } = *c;
+    let limit = u64::from(max_name_len.unwrap_or(0)) << CAP_NAME_LEN_SHIFT;
     [
         (can_discard, CAP_CAN_DISCARD),
         (needs_root, CAP_NEEDS_ROOT),
@@ -414,8 +417,11 @@ pub fn caps_to_bits(c: &Capabilities) -> u64 {
     ]
     .iter()
     .filter(|(on, _)| *on)
-    .fold(0, |acc, (_, bit)| acc | bit)
+    .fold(limit, |acc, (_, bit)| acc | bit)
 }
+
+/// Where [`Capabilities::max_name_len`] sits in the capability word.
+pub const CAP_NAME_LEN_SHIFT: u32 = 32;
 
 /// The inverse of [`caps_to_bits`]; unknown bits are ignored.
 pub fn caps_from_bits(b: u64) -> Capabilities {
@@ -427,6 +433,10 @@ pub fn caps_from_bits(b: u64) -> Capabilities {
         in_place: b & CAP_IN_PLACE != 0,
         records_ownership: b & CAP_RECORDS_OWNERSHIP != 0,
         reserves_wh_names: b & CAP_RESERVES_WH_NAMES != 0,
+        max_name_len: match (b >> CAP_NAME_LEN_SHIFT) & 0xffff {
+            0 => None,
+            n => Some(n as u16),
+        },
     }
 }
 
@@ -1390,9 +1400,10 @@ mod tests {
             in_place: true,
             records_ownership: false,
             reserves_wh_names: true,
+            max_name_len: Some(242),
         };
         assert_eq!(caps_from_bits(caps_to_bits(&all)), all);
-        assert_eq!(caps_to_bits(&all), 1 | 4 | 16 | 64);
+        assert_eq!(caps_to_bits(&all), 1 | 4 | 16 | 64 | (242 << 32));
     }
 
     #[test]

@@ -234,11 +234,26 @@ fn deep_path(n: usize) -> String {
         .join("/")
 }
 
-const LONG: usize = 255;
+/// `NAME_MAX` of Linux filesystems: the longest name scenario 20 uses
+/// unless the backend declares a shorter limit.
+pub const NAME_MAX: usize = 255;
+
+thread_local! {
+    /// The longest name the backend under test can hold
+    /// ([`Capabilities::max_name_len`]); set by [`run`] for the scenario's
+    /// actions and expectations, which run on this thread.
+    static NAME_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(NAME_MAX) };
+}
+
+/// The length of scenario 20's long name for a backend with `caps`.
+pub fn long_name_len(caps: &Capabilities) -> usize {
+    caps.max_name_len
+        .map_or(NAME_MAX, |l| usize::from(l).min(NAME_MAX))
+}
 
 fn awkward_names() -> Vec<Vec<u8>> {
     let mut long = b"d/".to_vec();
-    long.extend(std::iter::repeat_n(b'L', LONG));
+    long.extend(std::iter::repeat_n(b'L', NAME_LIMIT.with(|l| l.get())));
     vec![
         b"d/new\nline".to_vec(),
         b"d/with space".to_vec(),
@@ -960,6 +975,7 @@ pub fn run(backend: &dyn LayerBackend, sc: &Scenario, parent: &Path) -> Result<(
             }
         };
     }
+    NAME_LIMIT.with(|l| l.set(long_name_len(&backend.capabilities())));
     let begun = backend.begin(&spec).map_err(|e| format!("begin: {e}"))?;
     spec.state = begun.state;
     let result = run_open(backend, sc, &spec, &begun.merged, &reference);
@@ -1054,6 +1070,56 @@ fn check_content_root(
         }
     }
     Ok(())
+}
+
+/// For a backend that declares [`Capabilities::max_name_len`]: a root
+/// holding a name one byte past the limit is refused at `begin` with an
+/// error that names the path and the limit, and `begin` leaves nothing
+/// behind. (A backend without a limit has nothing to check.)
+pub fn check_name_limit(backend: &dyn LayerBackend, parent: &Path) -> Result<(), String> {
+    let Some(limit) = backend.capabilities().max_name_len else {
+        return Ok(());
+    };
+    let work = Workdir::new(parent, "name_limit").map_err(|e| e.to_string())?;
+    let base = work.root.join("base");
+    let name = "N".repeat(usize::from(limit) + 1);
+    fs::create_dir_all(base.join("d")).map_err(|e| e.to_string())?;
+    fs::write(base.join("d").join(&name), b"x").map_err(|e| e.to_string())?;
+    let spec = SessionSpec {
+        package: "name-limit".into(),
+        base: fs::canonicalize(&base).map_err(|e| e.to_string())?,
+        dir: work.root.join("session"),
+        state: Default::default(),
+    };
+    fs::create_dir(&spec.dir).map_err(|e| e.to_string())?;
+    match backend.begin(&spec) {
+        Ok(begun) => {
+            let spec = SessionSpec {
+                state: begun.state,
+                ..spec
+            };
+            let _ = crate::backend::abandon(backend, &spec);
+            Err(format!(
+                "begin accepted a root holding a {}-byte name, past the declared limit of {limit}",
+                name.len()
+            ))
+        }
+        Err(e) => {
+            let text = e.to_string();
+            if !text.contains(&name) || !text.contains(&limit.to_string()) {
+                return Err(format!(
+                    "begin refused the root, but without naming the path and the limit {limit}: {text}"
+                ));
+            }
+            let left = fs::read_dir(&spec.dir).map_err(|e| e.to_string())?.count();
+            if left != 0 {
+                return Err(format!(
+                    "begin left {left} entries in the session directory"
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Build, under `root`, a base and an upper branch laid out the way aufs

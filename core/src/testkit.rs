@@ -136,6 +136,17 @@ pub fn run_suite(
         on_result(&r);
         report.results.push(r);
     }
+    if backend.capabilities().max_name_len.is_some() {
+        let r = ScenarioResult {
+            name: "name_limit_refused".into(),
+            outcome: match scenarios::check_name_limit(backend, work) {
+                Ok(()) => Outcome::Pass,
+                Err(e) => Outcome::Fail(e),
+            },
+        };
+        on_result(&r);
+        report.results.push(r);
+    }
     report
 }
 

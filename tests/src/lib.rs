@@ -114,6 +114,38 @@ pub const REQUIRE_WORDS: &[&str] = &[
     "tar",
 ];
 
+/// What to make of a scenario the machine or the backend cannot run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipVerdict {
+    /// Report it as ignored, with this reason.
+    Ignore(String),
+    /// Report it as failed, with this message.
+    Fail(String),
+}
+
+/// The one rule for skipped scenarios, used by the matrix and the aufs
+/// branch tests: a skip the backend decides is always ignored; one the
+/// machine decides fails a required backend (`must_run`) only when
+/// `LAYERPACK_REQUIRE` names the environment too (`root`, `user-xattrs`).
+pub fn judge_skip(
+    backend: &str,
+    must_run: bool,
+    skip: &layerpack_core::scenarios::Skip,
+    required: &[String],
+) -> SkipVerdict {
+    let env_required = skip
+        .requirement()
+        .is_some_and(|r| required.iter().any(|x| x == r));
+    if must_run && skip.environmental() && env_required {
+        SkipVerdict::Fail(format!(
+            "LAYERPACK_REQUIRE includes {backend} and {}, but: {skip}",
+            skip.requirement().unwrap_or("?")
+        ))
+    } else {
+        SkipVerdict::Ignore(skip.to_string())
+    }
+}
+
 /// Something a test needs from the machine it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {

@@ -24,7 +24,9 @@ use layerpack_core::scenarios::{self, backdate, compare_trees};
 use layerpack_core::tree::fold::{fold, FoldOptions};
 use layerpack_core::tree::upper::{read_upper, WhiteoutFormat};
 use layerpack_core::tree::{ScanOptions, TreeScan};
-use layerpack_tests::{missing, required_backends, Completion, Need, Outcome};
+use layerpack_tests::{
+    judge_skip, missing, required_backends, Completion, Need, Outcome, SkipVerdict,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 /// Rewrite an overlayfs upper layer (unmounted) into aufs's format.
@@ -115,14 +117,13 @@ fn one_scenario(sc: scenarios::Scenario) -> Outcome {
         ..Default::default()
     };
     if let Some(skip) = sc.skip_reason(&caps, work.parent().unwrap()) {
+        // The branch is read as aufs: required when aufs or overlayfs is.
         let required = required_backends();
-        if skip
-            .requirement()
-            .is_some_and(|r| required.iter().any(|x| x == r))
-        {
-            return Err(format!("LAYERPACK_REQUIRE includes {skip:?}: {skip}").into());
-        }
-        return Ok(Completion::ignored_with(skip));
+        let must_run = required.iter().any(|r| r == "aufs" || r == "overlayfs");
+        return match judge_skip("aufs", must_run, &skip, &required) {
+            SkipVerdict::Fail(msg) => Err(msg.into()),
+            SkipVerdict::Ignore(why) => Ok(Completion::ignored_with(why)),
+        };
     }
     run_one(&sc, &work).map_err(Failed::from)?;
     Ok(Completion::Completed)

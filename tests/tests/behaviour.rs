@@ -15,7 +15,9 @@ use std::sync::Arc;
 use layerpack_core::config::BackendConfig;
 use layerpack_core::registry::Registry;
 use layerpack_core::scenarios;
-use layerpack_tests::{build_plugin, builtin_registry, required_backends, REQUIRE_WORDS};
+use layerpack_tests::{
+    build_plugin, builtin_registry, judge_skip, required_backends, SkipVerdict, REQUIRE_WORDS,
+};
 
 type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
 
@@ -84,6 +86,30 @@ fn main() -> ExitCode {
         let probe = registry
             .create(name, &BackendConfig::empty(name))
             .map(|b| (b.probe(), b.capabilities()));
+        // The name-limit check, only where the backend declares a limit.
+        if let Ok((probe, caps)) = &probe {
+            if caps.max_name_len.is_some() {
+                let test_name = format!("{label}::name_limit_refused");
+                if let Some(why) = probe.reason() {
+                    if must_run {
+                        let msg = format!("LAYERPACK_REQUIRE includes {name}, but: {why}");
+                        trials.push(Trial::test(test_name, move || Err(msg.into())));
+                    } else {
+                        trials.push(ignored(test_name, format!("backend unavailable: {why}")));
+                    }
+                } else {
+                    let (work, name, make) = (work.join(&label), name.to_string(), make.clone());
+                    trials.push(Trial::test(test_name, move || {
+                        let registry = make();
+                        let backend = registry
+                            .create(&name, &BackendConfig::empty(&name))
+                            .map_err(|e| Failed::from(e.to_string()))?;
+                        std::fs::create_dir_all(&work).map_err(|e| Failed::from(e.to_string()))?;
+                        scenarios::check_name_limit(&*backend, &work).map_err(Failed::from)
+                    }));
+                }
+            }
+        }
         for sc in scenarios::all() {
             let test_name = format!("{label}::{}", sc.test_name());
             let (probe, caps) = match &probe {
@@ -106,21 +132,12 @@ fn main() -> ExitCode {
                 continue;
             }
             if let Some(skip) = sc.skip_reason(&caps, &work) {
-                // A skip the machine decides fails a required backend only
-                // when the environment is required too (`root`,
-                // `user-xattrs`): a backend cannot help a tmpfs that takes
-                // no user.* xattrs.
-                let env_required = skip
-                    .requirement()
-                    .is_some_and(|r| required.iter().any(|x| x == r));
-                if must_run && skip.environmental() && env_required {
-                    let msg = format!(
-                        "LAYERPACK_REQUIRE includes {name} and {}, but: {skip}",
-                        skip.requirement().unwrap_or("?")
-                    );
-                    trials.push(Trial::test(test_name, move || Err(msg.into())));
-                } else {
-                    trials.push(ignored(test_name, skip.to_string()));
+                // A backend cannot help a tmpfs that takes no user.* xattrs.
+                match judge_skip(name, must_run, &skip, &required) {
+                    SkipVerdict::Fail(msg) => {
+                        trials.push(Trial::test(test_name, move || Err(msg.into())))
+                    }
+                    SkipVerdict::Ignore(why) => trials.push(ignored(test_name, why)),
                 }
                 continue;
             }

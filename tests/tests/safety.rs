@@ -571,7 +571,58 @@ fn trees_deeper_than_path_max_with_overlayfs() -> Outcome {
     deep_tree_round_trip("overlayfs")
 }
 
+/// Issue 16: a scratch filesystem without `user.*` xattrs (tmpfs before
+/// 6.6; ramfs here) makes s07 a typed, environmental skip: ignored with
+/// its reason for a required backend, a failure only when
+/// `LAYERPACK_REQUIRE` names `user-xattrs` too.
+fn a_scratch_without_user_xattrs_skips_s07_unless_that_is_required() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root]) {
+        return skip;
+    }
+    use layerpack_core::scenarios::{self, Skip};
+    use layerpack_tests::{judge_skip, SkipVerdict};
+    let e = Env::new("ramfs");
+    let scratch = e.dir.join("ramfs");
+    fs::create_dir(&scratch).unwrap();
+    nix::mount::mount(
+        Some("ramfs"),
+        &scratch,
+        Some("ramfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    e.mounts.borrow_mut().push(scratch.clone());
+    let s07 = scenarios::all().into_iter().find(|s| s.id == 7).unwrap();
+    let caps = layerpack_core::backend::Capabilities::default();
+    let skip = s07
+        .skip_reason(&caps, &scratch)
+        .expect("ramfs takes no user.* xattrs");
+    assert_eq!(skip, Skip::NoUserXattrs(scratch.clone()));
+    let req = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    match judge_skip("snapshot", true, &skip, &req(&["snapshot"])) {
+        SkipVerdict::Ignore(why) => assert!(why.contains("user.* xattrs"), "{why}"),
+        v => panic!("{v:?}"),
+    }
+    assert!(matches!(
+        judge_skip("snapshot", true, &skip, &req(&["snapshot", "user-xattrs"])),
+        SkipVerdict::Fail(_)
+    ));
+    // A skip the backend decides is never a failure.
+    assert!(matches!(
+        judge_skip(
+            "snapshot",
+            true,
+            &Skip::CannotDiscard,
+            &req(&["snapshot", "root"])
+        ),
+        SkipVerdict::Ignore(_)
+    ));
+    passed()
+}
+
 layerpack_tests::test_main!(
+    a_scratch_without_user_xattrs_skips_s07_unless_that_is_required,
     trees_deeper_than_path_max_with_snapshot,
     trees_deeper_than_path_max_with_overlayfs,
     one_session_per_tree_across_state_dirs_nested_roots_and_aliases,
