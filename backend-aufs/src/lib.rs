@@ -375,11 +375,11 @@ impl LayerBackend for AufsBackend {
     }
 
     fn thaw(&self, spec: &SessionSpec) -> Result<()> {
-        self.session(spec).remount("none", true)
+        self.session(spec).remount("none")
     }
 
-    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
-        self.session(spec).upper()
+    fn content_root(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        Ok(self.session(spec).upper())
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {

@@ -302,11 +302,11 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn thaw(&self, spec: &SessionSpec) -> Result<()> {
-        self.session(spec).remount("overlay", true)
+        self.session(spec).remount("overlay")
     }
 
-    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
-        self.session(spec).upper()
+    fn content_root(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        Ok(self.session(spec).upper())
     }
 
     fn changes(&self, spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {

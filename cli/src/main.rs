@@ -657,10 +657,13 @@ impl App {
             if self.global.json {
                 let caps: serde_json::Map<String, Value> = caps
                     .map(|c| {
-                        c.list()
+                        let mut m: serde_json::Map<String, Value> = c
+                            .list()
                             .iter()
                             .map(|(k, v)| (k.to_string(), Value::Bool(*v)))
-                            .collect()
+                            .collect();
+                        m.insert("max_name_len".into(), json!(c.max_name_len));
+                        m
                     })
                     .unwrap_or_default();
                 let plugin = match self.registry.origin(name) {
@@ -679,12 +682,16 @@ impl App {
                 };
                 let caps = caps
                     .map(|c| {
-                        c.list()
+                        let mut words: Vec<String> = c
+                            .list()
                             .iter()
                             .filter(|(_, v)| *v)
-                            .map(|(k, _)| *k)
-                            .collect::<Vec<_>>()
-                            .join(",")
+                            .map(|(k, _)| k.to_string())
+                            .collect();
+                        if let Some(n) = c.max_name_len {
+                            words.push(format!("max_name_len={n}"));
+                        }
+                        words.join(",")
                     })
                     .unwrap_or_default();
                 print_line(&format!("{name:<10} {origin:<9} {state}"))?;

@@ -290,8 +290,8 @@ pub trait LayerBackend: Send + Sync {
 
     /// Where the entries of the change set can be read once frozen (the
     /// upper layer of a union backend, the base otherwise).
-    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
-        spec.base.clone()
+    fn content_root(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        Ok(spec.base.clone())
     }
 
     /// Read the layer as a change set.

@@ -245,7 +245,7 @@ impl Context<'_> {
                 self.state.save(&s)?;
             }
             let cs = backend.changes(&spec, opts)?;
-            write_outputs(&s, &cs, &backend.content_root(&spec))?;
+            write_outputs(&s, &cs, &backend.content_root(&spec)?)?;
             if how == Finish::Keep {
                 backend.thaw(&spec)?;
                 s.phase = Phase::Open;

@@ -652,7 +652,7 @@ pub unsafe extern "C" fn p_content_root<T: PluginBackend>(
 ) -> i32 {
     guard(err, T::NAME, "content_root", || {
         let spec = unsafe { spec_in(spec) }?;
-        let p = unsafe { backend::<T>(h) }.content_root(&spec);
+        let p = unsafe { backend::<T>(h) }.content_root(&spec)?;
         send(sink, ctx, TAG_PATH, p.as_os_str().as_bytes());
         Ok(())
     })
@@ -1306,12 +1306,9 @@ impl LayerBackend for DynBackend {
         self.spec_call(spec, self.lib.table.thaw)
     }
 
-    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
-        match self.tagged_call(spec, self.lib.table.content_root) {
-            Ok(mut t) => path_of(&t.take(TAG_PATH)),
-            // A plugin that cannot say has its entries in the base.
-            Err(_) => spec.base.clone(),
-        }
+    fn content_root(&self, spec: &SessionSpec) -> Result<PathBuf> {
+        let mut t = self.tagged_call(spec, self.lib.table.content_root)?;
+        Ok(path_of(&t.take(TAG_PATH)))
     }
 
     fn changes(&self, spec: &SessionSpec, opts: &ChangeOptions) -> Result<ChangeSet> {

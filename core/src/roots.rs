@@ -313,11 +313,7 @@ impl Roots {
 
 /// The default per-user runtime directory (see the module docs).
 pub fn default_runtime_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let env = crate::session::env_path;
     if let Some(p) = env("LAYERPACK_RUNTIME_DIR") {
         return p;
     }

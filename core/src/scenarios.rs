@@ -1053,7 +1053,9 @@ fn check_content_root(
     spec: &SessionSpec,
     cs: &ChangeSet,
 ) -> Result<(), String> {
-    let root = backend.content_root(spec);
+    let root = backend
+        .content_root(spec)
+        .map_err(|e| format!("content_root: {e}"))?;
     for c in cs.present() {
         let abs = c.path.under(&root);
         let md = fs::symlink_metadata(&abs)

@@ -135,11 +135,7 @@ impl StateDir {
     /// `$XDG_STATE_HOME/layerpack`, else `~/.local/state/layerpack`, else
     /// `/tmp/layerpack-<uid>`.
     pub fn default_location() -> PathBuf {
-        let env = |k: &str| {
-            std::env::var_os(k)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
+        let env = env_path;
         if let Some(p) = env("LAYERPACK_STATE_DIR") {
             return p;
         }
@@ -366,6 +362,13 @@ impl StateDir {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+}
+
+/// The path in environment variable `k`, if it is set and not empty.
+pub(crate) fn env_path(k: &str) -> Option<PathBuf> {
+    std::env::var_os(k)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// An absolute path with symlinks resolved for the part that exists: the

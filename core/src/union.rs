@@ -194,14 +194,16 @@ impl UnionSession<'_> {
         self.unmount(&self.merged_dir(), Some(self.fstype))
     }
 
-    /// Mount the union again as `begin` did (for `final --keep`).
-    pub fn remount(&self, source: &str, lowerdir_in_options: bool) -> Result<()> {
+    /// Mount the union again as `begin` did (for `final --keep`): the
+    /// bind mount of the root first when in place, then the recorded
+    /// options.
+    pub fn remount(&self, source: &str) -> Result<()> {
         let st = self.state()?;
         let (merged, _) = self.places()?;
         if self.mounted(&merged, Some(self.fstype))? {
             return Ok(());
         }
-        if st.in_place && lowerdir_in_options && !self.mounted(&self.lower_bind(), None)? {
+        if st.in_place && !self.mounted(&self.lower_bind(), None)? {
             self.bind_root()?;
         }
         self.mount_union(source, &merged, &st.options)

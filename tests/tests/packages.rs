@@ -656,7 +656,7 @@ fn round_trip(
     (sc.act)(&begun.merged).map_err(|x| e(&x))?;
     (sc.act)(&dir.join("reference")).map_err(|x| e(&x))?;
     backend.freeze(&spec).map_err(|x| e(&x))?;
-    let merged = backend.content_root(&spec);
+    let merged = backend.content_root(&spec).map_err(|x| e(&x))?;
     let cs = backend
         .changes(&spec, &ChangeOptions::default())
         .map_err(|x| e(&x))?;

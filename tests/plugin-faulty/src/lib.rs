@@ -102,9 +102,9 @@ impl LayerBackend for Faulty {
         Ok(())
     }
 
-    fn content_root(&self, spec: &SessionSpec) -> PathBuf {
+    fn content_root(&self, spec: &SessionSpec) -> Result<PathBuf> {
         self.maybe_panic("content_root");
-        spec.dir.join("content")
+        Ok(spec.dir.join("content"))
     }
 
     fn changes(&self, _spec: &SessionSpec, _opts: &ChangeOptions) -> Result<ChangeSet> {
