@@ -4,7 +4,8 @@
 //! directory, with recorded modes, owners, times and bytes) is compared
 //! after every case, and so is the list of what sits beside the root.
 //! Ends with a fuzz target: generated archives in every format, some cut
-//! short or with a flipped byte, for `LAYERPACK_FUZZ_SECONDS` (default 15).
+//! short or with a flipped byte, applied and indexed for
+//! `LAYERPACK_FUZZ_SECONDS` (default 15).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -681,6 +682,15 @@ mod fuzz {
                 Err(_) => panic!("apply panicked: {what}"),
                 Ok(Ok(_)) => applied += 1,
                 Ok(Err(_)) => {}
+            }
+            // The feed index reads the same bytes through its own ar, tar
+            // and control readers: an error or an index, never a panic.
+            let feed = s.pkgs.join("feed");
+            let _ = fs::create_dir_all(&feed);
+            fs::write(feed.join("case.ipk"), &bytes).unwrap();
+            if std::panic::catch_unwind(|| layerpack_core::pack::feed::write_index(&feed)).is_err()
+            {
+                panic!("index panicked: {what}");
             }
             s.assert_untouched(&before, &what);
             for abs in [
