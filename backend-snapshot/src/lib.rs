@@ -431,6 +431,7 @@ mod tests {
             name: NAME.into(),
             table: t,
             origin: None,
+            text: None,
         };
         let err = cfg.parse::<SnapshotConfig>().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);

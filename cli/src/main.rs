@@ -253,6 +253,7 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
     for p in &config.plugin {
         layerpack_core::plugin::register_plugin(&mut registry, &p.path)?;
     }
+    config.check_backends(&registry)?;
     let app = App {
         global: cli.global,
         config,

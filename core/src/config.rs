@@ -97,6 +97,42 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Check every `[backends.<name>]` section against the backends of
+    /// `registry`: a name no backend has is an error that lists the known
+    /// ones (with the closest as "did you mean"), and each known section is
+    /// parsed by its backend now, so a misspelt key fails at once, naming
+    /// its line, whichever backend the command uses.
+    pub fn check_backends(&self, registry: &crate::registry::Registry) -> Result<()> {
+        let known = registry.names();
+        for (name, t) in &self.backends {
+            if registry.origin(name).is_none() {
+                let at = self.at(t.span().start);
+                let hint = closest(name, &known)
+                    .map(|k| format!(" (did you mean '{k}'?)"))
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{at}[backends.{name}]: no backend is called '{name}'{hint}; known backends: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            registry
+                .create(name, &self.backend_config(name))
+                .map(drop)?;
+        }
+        Ok(())
+    }
+
+    /// `file: line N: ` for byte offset `at` of the file.
+    fn at(&self, at: usize) -> String {
+        match &self.source {
+            Some(p) => format!("{}: line {}: ", p.display(), line_of(&self.text, at)),
+            None => String::new(),
+        }
+    }
+
     /// The `[backends.<name>]` table (empty when absent).
     pub fn backend_config(&self, name: &str) -> BackendConfig {
         match self.backends.get(name) {
@@ -107,10 +143,35 @@ impl Config {
                     .source
                     .clone()
                     .map(|p| (p, line_of(&self.text, t.span().start))),
+                text: Some(self.text.clone()),
             },
             None => BackendConfig::empty(name),
         }
     }
+}
+
+/// The entry of `known` closest to `name` by edit distance, when it is
+/// close enough to be a typo.
+pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| (distance(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3) || k.starts_with(name) || name.starts_with(k))
+        .min()
+        .map(|(_, k)| k)
 }
 
 /// 1-based line number of byte offset `at`.
@@ -131,6 +192,8 @@ pub struct BackendConfig {
     pub table: toml::Table,
     /// File and line of the `[backends.<name>]` header, if from a file.
     pub origin: Option<(PathBuf, usize)>,
+    /// The whole file's text, to find the line of a key at fault.
+    pub text: Option<String>,
 }
 
 impl BackendConfig {
@@ -140,16 +203,43 @@ impl BackendConfig {
             name: name.to_string(),
             table: toml::Table::new(),
             origin: None,
+            text: None,
         }
+    }
+
+    /// The line of `key` in this section, if the file is known (the
+    /// section's own header line otherwise).
+    fn line_of_key(&self, key: &str) -> Option<usize> {
+        let (_, header) = self.origin.as_ref()?;
+        let text = self.text.as_ref()?;
+        for (i, line) in text.lines().enumerate().skip(*header) {
+            let l = line.trim_start();
+            if l.starts_with('[') {
+                break;
+            }
+            let k = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if l.contains('=') && k == key {
+                return Some(i + 1);
+            }
+        }
+        Some(*header)
     }
 
     /// Deserialize into the backend's own settings struct (which should use
     /// `deny_unknown_fields`); errors name file, line and section.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
         T::deserialize(toml::Value::Table(self.table.clone())).map_err(|e| {
-            let at = match &self.origin {
-                Some((p, line)) => format!("{}: line {line}: ", p.display()),
-                None => String::new(),
+            // serde names the key at fault as `unknown field `k``, or
+            // `invalid type ... for key `k``: point at its line.
+            let key = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_default();
+            let at = match (&self.origin, self.line_of_key(&key)) {
+                (Some((p, _)), Some(line)) => format!("{}: line {line}: ", p.display()),
+                _ => String::new(),
             };
             Error::new(
                 ErrorKind::Config,
@@ -175,6 +265,7 @@ impl BackendConfig {
             name: name.to_string(),
             table,
             origin,
+            text: None,
         })
     }
 
@@ -210,8 +301,19 @@ mod tests {
         let cfg = Config::parse("\n[backends.snapshot]\nhsh = 1\n", Path::new("c.toml")).unwrap();
         let err = cfg.backend_config("snapshot").parse::<S>().unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("c.toml: line 2"), "{msg}");
+        assert!(
+            msg.contains("c.toml: line 3"),
+            "the key's line, not the header's: {msg}"
+        );
         assert!(msg.contains("[backends.snapshot]"), "{msg}");
         assert!(msg.contains("hsh"), "{msg}");
+    }
+
+    #[test]
+    fn close_names_are_suggested() {
+        let known = ["snapshot", "overlayfs", "fuse", "aufs"];
+        assert_eq!(closest("overlay", &known), Some("overlayfs"));
+        assert_eq!(closest("snapshoot", &known), Some("snapshot"));
+        assert_eq!(closest("nonesuch", &known), None);
     }
 }

@@ -306,6 +306,64 @@ fn corrupt_session_exits_1_and_abort_recovers() -> Outcome {
     passed()
 }
 
+/// A misspelt backend section or key used to be ignored (a typo in
+/// `[backends.overlay]` silently gave a merged directory) or reported at
+/// the section's header; each now fails at its own line, whichever command
+/// runs and whichever backend it uses.
+fn misspelt_backend_sections_and_keys_fail_at_their_line() -> Outcome {
+    let e = Env::new("config-typos");
+    let cfg = e.dir.join("layerpack.toml");
+    for (text, words) in [
+        (
+            "backend = \"snapshot\"\n\n[backends.overlay]\nin_place = true\n",
+            &[
+                "line 3",
+                "[backends.overlay]",
+                "did you mean 'overlayfs'",
+                "known backends",
+            ][..],
+        ),
+        (
+            "[backends.nonesuch]\n",
+            &[
+                "line 1",
+                "no backend is called 'nonesuch'",
+                "snapshot, overlayfs",
+            ][..],
+        ),
+        (
+            "[backends.overlayfs]\nin_place = true\nin_plase = false\n",
+            &["line 3", "[backends.overlayfs]", "in_plase"][..],
+        ),
+        (
+            "[backends.snapshot]\nhash_all = true\n\nxatrs = false\n",
+            &["line 4", "xatrs"][..],
+        ),
+        (
+            "[packages.foo]\nversion = \"1\"\nverison = \"2\"\n",
+            &["line 3", "verison"][..],
+        ),
+    ] {
+        fs::write(&cfg, text).unwrap();
+        // Even a command that uses no backend section reads them all.
+        for args in [vec!["status"], vec!["init", "p", "--root", &root_arg(&e)]] {
+            let mut all = vec!["--config", cfg.to_str().unwrap()];
+            all.extend(args.iter().copied());
+            let o = e.run(&all);
+            assert_eq!(code(&o), 1, "{text:?} {args:?}: {}", stderr(&o));
+            for w in words {
+                assert!(
+                    stderr(&o).contains(w),
+                    "{text:?}: {w:?} not in {}",
+                    stderr(&o)
+                );
+            }
+        }
+    }
+    assert_eq!(session_count(&e), 0);
+    passed()
+}
+
 fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
@@ -596,6 +654,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    misspelt_backend_sections_and_keys_fail_at_their_line,
     run_hello_writes_manifest_and_file_list,
     init_and_final_survive_a_killed_install,
     failed_command_exits_with_its_status_and_keeps_the_layer,
