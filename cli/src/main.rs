@@ -504,6 +504,13 @@ impl App {
         fin: &FinalOpts,
         command: &[OsString],
     ) -> Result<ExitCode> {
+        // Everything the package file's name depends on is known here:
+        // refuse before the install runs rather than at its end.
+        layerpack_core::pack::check_file_name_fields(
+            package,
+            init.pkg_version.as_deref(),
+            fin.pack.arch.as_deref(),
+        )?;
         let merged = self.open_session(package, init)?.session.merged;
         let (prog, args) = command
             .split_first()

@@ -81,6 +81,20 @@ impl Context<'_> {
         version: Option<&str>,
     ) -> Result<Opened> {
         validate_package_name(pkg)?;
+        // What the package file will be called must fit before anything
+        // is captured (the arch and version the config knows of, too).
+        let fields = self
+            .config
+            .packages
+            .get(pkg)
+            .cloned()
+            .unwrap_or_default()
+            .or(&self.config.package_defaults);
+        crate::pack::check_file_name_fields(
+            pkg,
+            version.or(fields.version.as_deref()),
+            fields.architecture.as_deref(),
+        )?;
         let base = check_root(root)?;
         let place = Place::of(&base)?;
         self.state.check_outside(&place)?;

@@ -78,17 +78,30 @@ pub struct SessionFile {
     pub backend_state: crate::backend::BackendState,
 }
 
+/// The longest package name: it names the session directory, its lock
+/// file and `<name>.changes.json` with its temporary name.
+pub const MAX_PACKAGE_NAME: usize = 200;
+
 /// Check a package name: it becomes a directory name and a file name, so
 /// no `/`, no `..`, no leading `.`, and only printable ASCII that build
 /// systems use (`[A-Za-z0-9._+-]`).
 pub fn validate_package_name(name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._+-".contains(c);
+    if name.len() > MAX_PACKAGE_NAME {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "package name '{}…' is {} bytes; at most {MAX_PACKAGE_NAME} fit in the file names layerpack writes for it",
+                name.chars().take(40).collect::<String>(),
+                name.len()
+            ),
+        ));
+    }
     if name.is_empty()
         || name.starts_with('.')
         || name.starts_with('-')
         || name.contains("..")
         || !name.chars().all(ok_char)
-        || name.len() > 200
     {
         return Err(Error::new(
             ErrorKind::InvalidInput,

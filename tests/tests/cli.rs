@@ -364,6 +364,61 @@ fn misspelt_backend_sections_and_keys_fail_at_their_line() -> Outcome {
     passed()
 }
 
+/// Limits are stated up front: a long name says the limit is its length
+/// (not the alphabet), a name and version that cannot fit in a package
+/// file name are refused at init and run (not at the end of final), and
+/// `--arch` is checked like the other fields.
+fn name_version_and_arch_limits_are_checked_before_anything_runs() -> Outcome {
+    let e = Env::new("limits");
+    let long = "a".repeat(240);
+    let o = e.run(&["init", &long, "--root", &root_arg(&e)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("240 bytes; at most 200"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("use letters"), "{}", stderr(&o));
+    let name = "b".repeat(180);
+    let version = format!("1{}", "0".repeat(62));
+    for cmd in ["init", "run"] {
+        let mut args = vec![cmd, &name, "--root", "root", "--version", &version];
+        if cmd == "run" {
+            args.extend(["--", "sh", "-c", "touch \"$LAYERPACK_ROOT/ran\""]);
+        }
+        let root = root_arg(&e);
+        args[3] = &root;
+        let o = e.run(&args);
+        assert_eq!(code(&o), 1, "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("at most 225 fit"),
+            "{cmd}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!e.root().join("ran").exists(), "the install ran anyway");
+    let o = e.run(&[
+        "run",
+        "ok1",
+        "--root",
+        &root_arg(&e),
+        "--version",
+        "1",
+        "--arch",
+        "arm/x",
+        "--",
+        "true",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not an opkg architecture"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(session_count(&e), 0);
+    passed()
+}
+
 fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
@@ -654,6 +709,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    name_version_and_arch_limits_are_checked_before_anything_runs,
     misspelt_backend_sections_and_keys_fail_at_their_line,
     run_hello_writes_manifest_and_file_list,
     init_and_final_survive_a_killed_install,

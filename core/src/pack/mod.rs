@@ -197,6 +197,52 @@ pub fn map_package_name(name: &str) -> Result<(String, bool)> {
     Ok((mapped, changed))
 }
 
+/// What package name, version (without epoch) and architecture may take
+/// together in a package's file name: `NAME_MAX` (255) less the longest
+/// format suffix (`.oci-layer.tar`), two `_` and the temporary name
+/// layerpack writes first (`.<file>.data-<pid>`).
+pub const MAX_FILE_NAME_FIELDS: usize = 255 - 14 - 2 - 14;
+
+/// Check, before anything is captured, that the package file for `name`
+/// (mapped), `version` and `architecture` will fit in a file name, and
+/// that the architecture is a plain word. Unknown fields count as what
+/// they default to (`all`; no version: nothing to check yet).
+pub fn check_file_name_fields(
+    name: &str,
+    version: Option<&str>,
+    architecture: Option<&str>,
+) -> Result<()> {
+    let arch = architecture.unwrap_or("all");
+    let arch_ok = !arch.is_empty()
+        && arch
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c));
+    if !arch_ok {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("architecture {arch:?} is not an opkg architecture: use letters, digits and _ . + - (e.g. all, aarch64, arm_cortex-a7_neon-vfpv4)"),
+        ));
+    }
+    let Some(version) = version else {
+        return Ok(());
+    };
+    let (mapped, _) = map_package_name(name).unwrap_or((name.to_string(), false));
+    let version = version.split_once(':').map_or(version, |(_, v)| v);
+    let total = mapped.len() + version.len() + arch.len();
+    if total > MAX_FILE_NAME_FIELDS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "package {name}: name ({} bytes), version ({} bytes) and architecture ({} bytes) take {total} bytes of the package file name; at most {MAX_FILE_NAME_FIELDS} fit (a file name holds 255 bytes, with room for the format's suffix and layerpack's temporary name)",
+                mapped.len(),
+                version.len(),
+                arch.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn single_line(field: &str, v: &str) -> Result<()> {
     if v.contains('\n') || v.trim().is_empty() {
         return Err(Error::new(
@@ -248,6 +294,7 @@ impl PackageMeta {
             conffiles: fields.conffiles.clone().unwrap_or_default(),
         };
         single_line("Architecture", &m.architecture)?;
+        check_file_name_fields(name, Some(&m.version), Some(&m.architecture))?;
         single_line("Maintainer", &m.maintainer)?;
         for (f, v) in [
             ("Depends", &m.depends),
