@@ -97,15 +97,10 @@ pub fn update_file_list(out: &Path, package: &str, cs: &ChangeSet) -> Result<Vec
     let path = out.join("packages-file-list.txt");
     // Finals of different packages may share an output directory and run
     // at once (parallel builds): serialise the read-modify-write.
+    // The lock file goes when released: none is left in the feed.
     let lock_path = out.join(".packages-file-list.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    let _lock =
+        layerpack_core::session::lock_file(&lock_path, true, "the file list")?.remove_on_release();
     let old = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),

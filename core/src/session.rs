@@ -123,6 +123,75 @@ pub struct StateDir {
 /// A held lock; released on drop.
 pub struct LockGuard {
     _lock: Flock<File>,
+    path: PathBuf,
+    /// Remove the lock file on release unless this path exists.
+    remove_unless: Option<PathBuf>,
+    /// Remove the lock file on release.
+    remove: bool,
+}
+
+impl LockGuard {
+    /// Remove the lock file when the lock is released (safe: a process
+    /// that locked the file meanwhile notices and locks the new one).
+    pub fn remove_on_release(mut self) -> LockGuard {
+        self.remove = true;
+        self
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Unlinked while still locked: a waiter that gets the old inode
+        // sees that the path no longer names it and starts again.
+        let gone = self.remove_unless.as_ref().is_some_and(|p| !p.exists());
+        if self.remove || gone {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Take an exclusive `flock` on `path` (created 0600), waiting or not. A
+/// lock file that its holder removed while this process waited is not
+/// kept: the lock is taken again on what the path names now.
+pub fn lock_file(path: &Path, wait: bool, who: &str) -> Result<LockGuard> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(path, "cannot open lock file", e))?;
+        let arg = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        let lock = match Flock::lock(f, arg) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("another layerpack process is working on {who}; wait for it to finish"),
+                )
+                .with_path(path))
+            }
+            Err((_, e)) => return Err(Error::io(path, "cannot lock", e.into())),
+        };
+        let held = lock
+            .metadata()
+            .map_err(|e| Error::io(path, "cannot stat lock file", e))?;
+        let same = fs::metadata(path).is_ok_and(|m| m.dev() == held.dev() && m.ino() == held.ino());
+        if same {
+            return Ok(LockGuard {
+                _lock: lock,
+                path: path.to_path_buf(),
+                remove_unless: None,
+                remove: false,
+            });
+        }
+    }
 }
 
 impl StateDir {
@@ -225,36 +294,20 @@ impl StateDir {
 
     fn lock(&self, path: PathBuf, wait: bool, who: &str) -> Result<LockGuard> {
         self.ensure()?;
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::io(&path, "cannot open lock file", e))?;
-        let arg = if wait {
-            FlockArg::LockExclusive
-        } else {
-            FlockArg::LockExclusiveNonblock
-        };
-        match Flock::lock(f, arg) {
-            Ok(l) => Ok(LockGuard { _lock: l }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::new(
-                ErrorKind::Busy,
-                format!("another layerpack process is working on {who}; wait for it to finish"),
-            )
-            .with_path(&path)),
-            Err((_, e)) => Err(Error::io(&path, "cannot lock", e.into())),
-        }
+        lock_file(&path, wait, who)
     }
 
-    /// Lock one package for the duration of a command.
+    /// Lock one package for the duration of a command. The lock file goes
+    /// when the lock is released while the package has no session (a
+    /// refused `init`, a finished `final`), so none pile up.
     pub fn lock_package(&self, pkg: &str) -> Result<LockGuard> {
-        self.lock(
+        let mut g = self.lock(
             self.root.join("sessions").join(format!("{pkg}.lock")),
             false,
             &format!("package '{pkg}'"),
-        )
+        )?;
+        g.remove_unless = Some(self.session_dir(pkg));
+        Ok(g)
     }
 
     /// Short global lock around checks that span sessions.

@@ -419,6 +419,59 @@ fn name_version_and_arch_limits_are_checked_before_anything_runs() -> Outcome {
     passed()
 }
 
+/// Lock files piled up in the state directory (one per name ever tried,
+/// refused ones too) and one was left in every output directory.
+fn no_lock_files_are_left_behind() -> Outcome {
+    let e = Env::new("locks");
+    let names = |d: &Path| -> Vec<String> {
+        fs::read_dir(d)
+            .map(|r| {
+                r.map(|x| x.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".lock") && n != "state.lock")
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for pkg in ["one", "two"] {
+        let o = e.run(&[
+            "run",
+            pkg,
+            "--root",
+            &root_arg(&e),
+            "--version",
+            "1",
+            "--out",
+            "out",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {pkg} > \"$LAYERPACK_ROOT/{pkg}\""),
+        ]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let missing = e.dir.join("missing");
+    for pkg in ["refused1", "refused2"] {
+        let o = e.run(&["init", pkg, "--root", missing.to_str().unwrap()]);
+        assert_eq!(code(&o), 1);
+    }
+    // An open session keeps its lock file; it goes with the session.
+    let o = e.run(&["init", "open", "--root", &root_arg(&e)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(names(&e.dir.join("state/sessions")), ["open.lock"]);
+    let o = e.run(&["abort", "open"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(names(&e.dir.join("state/sessions")).is_empty());
+    let mut out = names(&e.out());
+    out.extend(
+        fs::read_dir(e.out())
+            .unwrap()
+            .map(|x| x.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.')),
+    );
+    assert!(out.is_empty(), "left in the output directory: {out:?}");
+    passed()
+}
+
 fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
@@ -709,6 +762,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    no_lock_files_are_left_behind,
     name_version_and_arch_limits_are_checked_before_anything_runs,
     misspelt_backend_sections_and_keys_fail_at_their_line,
     run_hello_writes_manifest_and_file_list,
