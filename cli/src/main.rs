@@ -173,9 +173,21 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
+            // `--json` asked for, even if the rest did not parse: say it on
+            // stdout too, so a script reading JSON Lines sees the failure.
+            if e.use_stderr() && std::env::args_os().any(|a| a == "--json") {
+                let text = e.to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                let _ = print_json(&json!({"type": "error", "kind": "usage", "message": first}));
+            }
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    let json = cli.global.json;
     match run_cli(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -183,9 +195,28 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("layerpack: error: {}", error_chain(&e));
+            if json {
+                let _ = print_json(&error_json(&e));
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error as a JSON object: its kind, message, the path at fault and
+/// the chain of causes.
+fn error_json(e: &anyhow::Error) -> Value {
+    let core = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<layerpack_core::Error>());
+    let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    json!({
+        "type": "error",
+        "kind": core.map_or("error", |c| c.kind().as_str()),
+        "message": error_chain(e),
+        "path": core.and_then(|c| c.path()).map(path_json),
+        "causes": causes,
+    })
 }
 
 /// The error and every cause behind it, on one line; a cause whose text
@@ -314,7 +345,24 @@ fn rootless_run(cmd: &Command, config: &Config) -> Result<bool> {
     Ok(true)
 }
 
+/// The version of the JSON Lines schema, given on the first line printed.
+const JSON_SCHEMA_VERSION: u32 = 1;
+
 fn print_json(v: &Value) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRST: AtomicBool = AtomicBool::new(true);
+    debug_assert!(v.get("type").is_some(), "a JSON line without type: {v}");
+    if FIRST.swap(false, Ordering::Relaxed) {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("version".into(), json!(JSON_SCHEMA_VERSION));
+        }
+        return print_json_line(&v);
+    }
+    print_json_line(v)
+}
+
+fn print_json_line(v: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, v)?;
     out.write_all(b"\n")?;
@@ -454,9 +502,9 @@ impl App {
             written.push(path);
             let unlisted = manifest::update_file_list(&out, &s.package, cs).map_err(core_err)?;
             for p in unlisted {
-                eprintln!(
-                    "layerpack: warning: {p:?} has a newline in its name; it is in {package}.changes.json but not in packages-file-list.txt"
-                );
+                notes.push(format!(
+                    "{p:?} has a newline in its name; it is in {package}.changes.json but not in packages-file-list.txt"
+                ));
             }
             written.push(out.join("packages-file-list.txt"));
             Ok(())
@@ -515,11 +563,17 @@ impl App {
         let (prog, args) = command
             .split_first()
             .ok_or_else(|| anyhow!("no command given after --"))?;
-        let status = std::process::Command::new(prog)
-            .args(args)
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(args)
             .env("LAYERPACK_ROOT", &merged)
-            .env("LAYERPACK_PACKAGE", package)
-            .status();
+            .env("LAYERPACK_PACKAGE", package);
+        if self.global.json {
+            // stdout is JSON Lines: what the install prints goes to stderr.
+            use std::os::fd::AsFd;
+            let err = std::io::stderr().as_fd().try_clone_to_owned()?;
+            cmd.stdout(std::process::Stdio::from(err));
+        }
+        let status = cmd.status();
         let code = match status {
             Ok(s) if s.success() => {
                 return self.finish(package, None, fin).map(|()| ExitCode::SUCCESS)
@@ -553,8 +607,17 @@ impl App {
                 "layerpack: {package}: command failed (status {code}); layer discarded, {} is as before",
                 s.base.display()
             );
+            if self.global.json {
+                print_json(&json!({"type": "run", "package": package, "status": code,
+                    "result": "discarded", "root": path_json(&s.base)}))?;
+            }
         } else {
             let (_, cs) = ctx.changes(package, &ChangeOptions::default())?;
+            if self.global.json {
+                print_json(&json!({"type": "run", "package": package, "status": code,
+                    "result": "kept", "root": path_json(&s.base),
+                    "summary": manifest::summary(&cs)}))?;
+            }
             eprintln!(
                 "layerpack: {package}: command failed (status {code}); backend '{}' cannot discard, so the layer is kept: {} changes so far in {}",
                 s.backend,
@@ -602,7 +665,10 @@ impl App {
     fn status(&self) -> Result<()> {
         let ctx = self.context()?;
         let sessions = ctx.state.list()?;
-        if sessions.is_empty() && !self.global.json {
+        if self.global.json {
+            print_json(&json!({"type": "status", "sessions": sessions.len(),
+                "state_dir": path_json(ctx.state.path())}))?;
+        } else if sessions.is_empty() {
             eprintln!(
                 "layerpack: no open sessions in {}",
                 ctx.state.path().display()
@@ -790,6 +856,8 @@ impl App {
                     &json!({"type": "package", "filename": e.filename, "size": e.size, "sha256": e.sha256}),
                 )?;
             }
+            print_json(&json!({"type": "index", "packages": entries.len(),
+                "index": path_json(&feed.join("Packages"))}))?;
         } else {
             eprintln!(
                 "layerpack: {} packages indexed in {}",
@@ -843,7 +911,11 @@ impl App {
         drop(_bar);
         for c in cs.changes() {
             if self.global.json {
-                print_json(&manifest::change_json(c))?;
+                let mut v = manifest::change_json(c);
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("type".into(), json!("change"));
+                }
+                print_json(&v)?;
             } else {
                 print_line(&format!("{} {}", c.kind.symbol(), c.path))?;
             }

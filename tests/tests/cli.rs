@@ -299,8 +299,14 @@ fn corrupt_session_exits_1_and_abort_recovers() -> Outcome {
     assert_eq!(tree_listing(&e.root()), before);
     assert!(!e.out().join("p.changes.json").exists());
     let o = e.run(&["--json", "status"]);
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(line["kind"], "corrupt");
+    let lines: Vec<Value> = o
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "status");
+    assert_eq!(lines[1]["kind"], "corrupt");
     assert_eq!(code(&e.run(&["abort", "p"])), 0);
     assert_eq!(code(&e.run(&["init", "p", "--root", &root_arg(&e)])), 0);
     passed()
@@ -469,6 +475,144 @@ fn no_lock_files_are_left_behind() -> Outcome {
             .filter(|n| n.starts_with('.')),
     );
     assert!(out.is_empty(), "left in the output directory: {out:?}");
+    passed()
+}
+
+/// JSON Lines on stdout: a `type` on every line, the schema `version` on
+/// the first, for every command, whether it succeeds or fails (an error
+/// is an object too), and `run --json` keeps a chatty install's output
+/// off stdout.
+fn every_command_speaks_json_lines_on_success_and_failure() -> Outcome {
+    let e = Env::new("json");
+    let root = root_arg(&e);
+    fs::create_dir_all(e.dir.join("a")).unwrap();
+    fs::create_dir_all(e.dir.join("b/x")).unwrap();
+    fs::write(e.dir.join("nopkg"), b"not a package").unwrap();
+    let out = e.out();
+    let ipk = out.join("chatty_1_all.ipk");
+    let at = |p: &str| e.dir.join(p).to_str().unwrap().to_string();
+    let (a, b, nopkg, missing, outs) = (at("a"), at("b"), at("nopkg"), at("missing"), at("out"));
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (vec!["backends".into()], 0, "backend"),
+        (vec!["status".into()], 0, "status"),
+        (
+            [
+                "run",
+                "chatty",
+                "--root",
+                &root,
+                "--version",
+                "1",
+                "--out",
+                &outs,
+                "--",
+                "sh",
+                "-c",
+                "echo hello-from-cmd; echo \"{not json\"; touch \"$LAYERPACK_ROOT/f\"",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            0,
+            "final",
+        ),
+        (
+            [
+                "run",
+                "failing",
+                "--root",
+                &root,
+                "--",
+                "sh",
+                "-c",
+                "echo chatty; exit 3",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            3,
+            "run",
+        ),
+        (vec!["abort".into(), "failing".into()], 0, "abort"),
+        (
+            vec!["init".into(), "p".into(), "--root".into(), root.clone()],
+            0,
+            "init",
+        ),
+        (
+            vec!["init".into(), "p".into(), "--root".into(), root.clone()],
+            1,
+            "error",
+        ),
+        (
+            vec!["final".into(), "p".into(), "--out".into(), outs.clone()],
+            0,
+            "final",
+        ),
+        (vec!["final".into(), "p".into()], 1, "error"),
+        (vec!["abort".into(), "nothing".into()], 1, "error"),
+        (
+            vec!["index".into(), out.to_str().unwrap().into()],
+            0,
+            "index",
+        ),
+        (vec!["index".into(), missing.clone()], 1, "error"),
+        (
+            vec![
+                "apply".into(),
+                ipk.to_str().unwrap().into(),
+                "--root".into(),
+                b.clone(),
+            ],
+            0,
+            "apply",
+        ),
+        (
+            vec!["apply".into(), nopkg, "--root".into(), b.clone()],
+            1,
+            "error",
+        ),
+        (vec!["diff".into(), a.clone(), b], 0, "change"),
+        (vec!["diff".into(), a, missing], 1, "error"),
+        (
+            vec!["selftest".into(), "--backend".into(), "nonesuch".into()],
+            1,
+            "error",
+        ),
+        (vec!["frobnicate".into()], 2, "error"),
+    ];
+    for (args, want, last_type) in cases {
+        let mut all = vec!["--json"];
+        all.extend(args.iter().map(String::as_str));
+        let o = e.run(&all);
+        assert_eq!(code(&o), want, "{args:?}: {}", stderr(&o));
+        let lines: Vec<Value> = o
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice(l).unwrap_or_else(|err| {
+                    panic!("{args:?}: not JSON ({err}): {}", String::from_utf8_lossy(l))
+                })
+            })
+            .collect();
+        assert!(!lines.is_empty(), "{args:?}: nothing on stdout");
+        for l in &lines {
+            assert!(l["type"].is_string(), "{args:?}: no type in {l}");
+        }
+        assert_eq!(lines[0]["version"], 1, "{args:?}: {}", lines[0]);
+        let last = lines.last().unwrap();
+        assert_eq!(last["type"], last_type, "{args:?}: {last}");
+        if last_type == "error" {
+            assert!(
+                last["kind"].is_string() && last["message"].is_string(),
+                "{last}"
+            );
+        }
+        if args[0] == "run" {
+            assert!(stderr(&o).contains("chatty") || stderr(&o).contains("hello-from-cmd"));
+        }
+    }
     passed()
 }
 
@@ -762,6 +906,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    every_command_speaks_json_lines_on_success_and_failure,
     no_lock_files_are_left_behind,
     name_version_and_arch_limits_are_checked_before_anything_runs,
     misspelt_backend_sections_and_keys_fail_at_their_line,
