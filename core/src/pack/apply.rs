@@ -96,17 +96,19 @@ pub fn apply(package: &Path, root: &Path) -> Result<Applied> {
         out: Applied::default(),
     };
     let input = BufReader::new(file);
-    match format {
-        "ipk" => apply_ar(input, &mut x)?,
-        "gzip" => apply_gzip(input, &mut x)?,
+    let done = match format {
+        "ipk" => apply_ar(input, &mut x),
+        "gzip" => apply_gzip(input, &mut x),
         _ => {
             x.out.format = "oci";
             x.oci = true;
-            x.extract(tar::Archive::new(input))?;
+            x.extract(tar::Archive::new(input))
         }
-    }
+    };
+    // Directories made so far get their modes even when the archive
+    // broke off (they were created 0700 until then).
     x.finish_dirs();
-    Ok(x.out)
+    done.map(|()| x.out)
 }
 
 /// The ar form: `debian-binary`, `control.tar.gz`, `data.tar.gz`, in that
