@@ -911,11 +911,7 @@ impl App {
         drop(_bar);
         for c in cs.changes() {
             if self.global.json {
-                let mut v = manifest::change_json(c);
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("type".into(), json!("change"));
-                }
-                print_json(&v)?;
+                print_json(&manifest::change_line(c))?;
             } else {
                 print_line(&format!("{} {}", c.kind.symbol(), c.path))?;
             }

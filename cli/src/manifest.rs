@@ -9,44 +9,96 @@ use layerpack_core::jsonbytes::to_json;
 use layerpack_core::model::{Change, ChangeKind, ChangeSet};
 use layerpack_core::session::write_atomic;
 use layerpack_core::tree::hex;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 
-/// One change as a JSON object.
+/// Version of the `changes.json` schema (`docs/changes.schema.json`).
+pub const CHANGES_SCHEMA_VERSION: u32 = 1;
+
+/// One extended attribute of a change.
+#[derive(Serialize)]
+struct XattrRecord {
+    name: Value,
+    value: Value,
+}
+
+/// One change as `changes.json` and `diff --json` write it. Byte strings
+/// (path, target, xattrs) are text when UTF-8, else `{"bytes": base64}`.
+#[derive(Serialize)]
+pub struct ChangeRecord {
+    path: Value,
+    change: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_changed: Option<bool>,
+    /// The entry's file type (`file`, `dir`, `symlink`, …).
+    #[serde(rename = "type")]
+    file_type: &'static str,
+    mode: String,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime_ns: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rdev: Option<[u32; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_group: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    xattrs: Vec<XattrRecord>,
+}
+
+impl ChangeRecord {
+    /// The record of `c`.
+    pub fn of(c: &Change) -> ChangeRecord {
+        let m = &c.meta;
+        ChangeRecord {
+            path: to_json(c.path.as_bytes()),
+            change: c.kind.as_str(),
+            content_changed: match c.kind {
+                ChangeKind::Modified { content_changed } => Some(content_changed),
+                _ => None,
+            },
+            file_type: m.kind.as_str(),
+            mode: format!("{:04o}", m.mode),
+            uid: m.uid,
+            gid: m.gid,
+            size: m.size,
+            mtime_ns: m.mtime_ns,
+            sha256: m.sha256.as_ref().map(|h| hex(h)),
+            target: m.link_target.as_deref().map(to_json),
+            rdev: m.rdev.map(|(a, b)| [a, b]),
+            link_group: m.link_group,
+            xattrs: m
+                .xattrs
+                .iter()
+                .map(|(k, v)| XattrRecord {
+                    name: to_json(k),
+                    value: to_json(v),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One change as a JSON object (as in `changes.json`).
 pub fn change_json(c: &Change) -> Value {
-    let m = &c.meta;
-    let mut o = Map::new();
-    o.insert("path".into(), to_json(c.path.as_bytes()));
-    o.insert("change".into(), c.kind.as_str().into());
-    if let ChangeKind::Modified { content_changed } = c.kind {
-        o.insert("content_changed".into(), content_changed.into());
+    serde_json::to_value(ChangeRecord::of(c)).unwrap_or(Value::Null)
+}
+
+/// A change as a `diff --json` line: `type` is the line's (`change`), so
+/// the entry's file type is `file_type`.
+pub fn change_line(c: &Change) -> Value {
+    let mut v = change_json(c);
+    if let Some(o) = v.as_object_mut() {
+        if let Some(t) = o.remove("type") {
+            o.insert("file_type".into(), t);
+        }
+        o.insert("type".into(), json!("change"));
     }
-    o.insert("type".into(), m.kind.as_str().into());
-    o.insert("mode".into(), format!("{:04o}", m.mode).into());
-    o.insert("uid".into(), m.uid.into());
-    o.insert("gid".into(), m.gid.into());
-    o.insert("size".into(), m.size.into());
-    o.insert("mtime_ns".into(), m.mtime_ns.into());
-    if let Some(h) = &m.sha256 {
-        o.insert("sha256".into(), hex(h).into());
-    }
-    if let Some(t) = &m.link_target {
-        o.insert("target".into(), to_json(t));
-    }
-    if let Some((major, minor)) = m.rdev {
-        o.insert("rdev".into(), json!([major, minor]));
-    }
-    if let Some(g) = m.link_group {
-        o.insert("link_group".into(), g.into());
-    }
-    if !m.xattrs.is_empty() {
-        let x: Vec<Value> = m
-            .xattrs
-            .iter()
-            .map(|(k, v)| json!({"name": to_json(k), "value": to_json(v)}))
-            .collect();
-        o.insert("xattrs".into(), x.into());
-    }
-    Value::Object(o)
+    v
 }
 
 /// Counts of each kind of change.
@@ -76,6 +128,7 @@ pub fn write_changes_json(
     cs: &ChangeSet,
 ) -> Result<std::path::PathBuf> {
     let doc = json!({
+        "schema_version": CHANGES_SCHEMA_VERSION,
         "package": package,
         "backend": backend,
         "root": to_json(root.as_os_str().as_encoded_bytes()),

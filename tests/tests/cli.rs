@@ -616,6 +616,93 @@ fn every_command_speaks_json_lines_on_success_and_failure() -> Outcome {
     passed()
 }
 
+/// `changes.json` is what `docs/changes.schema.json` says, checked by an
+/// independent validator (Python's `jsonschema`) on a capture with every
+/// kind of change and entry the machine allows: non-UTF-8 and newline
+/// names, a symlink, a hard-link group, a fifo, an xattr, a modification,
+/// a metadata-only change and a deletion (devices too, as root).
+fn changes_json_follows_its_published_schema() -> Outcome {
+    if let Some(skip) = missing(&[Need::Tool("python3")]) {
+        return skip;
+    }
+    let e = Env::new("schema");
+    fs::create_dir_all(e.root().join("etc")).unwrap();
+    fs::write(e.root().join("etc/a"), b"old").unwrap();
+    fs::write(e.root().join("etc/b"), b"b").unwrap();
+    fs::write(e.root().join("etc/gone"), b"x").unwrap();
+    let devices = if nix::unistd::geteuid().is_root() {
+        "mknod \"$R/c\" c 1 3;"
+    } else {
+        ""
+    };
+    let script = format!(
+        "R=$LAYERPACK_ROOT; echo new > \"$R/etc/a\"; chmod 600 \"$R/etc/b\"; rm \"$R/etc/gone\"; \
+         printf x > \"$R/$(printf 'bad\\377name')\"; printf y > \"$R/new\nline\"; \
+         ln -s etc/a \"$R/link\"; echo h > \"$R/h1\"; ln \"$R/h1\" \"$R/h2\"; mkfifo \"$R/fifo\"; {devices} \
+         python3 -c \"import os; os.setxattr('$R/h1', 'user.test', b'1')\" 2>/dev/null; true"
+    );
+    let o = e.run(&[
+        "run",
+        "schema",
+        "--root",
+        &root_arg(&e),
+        "--out",
+        e.out().to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc = e.out().join("schema.changes.json");
+    let schema = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/changes.schema.json");
+    let check = Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys\ntry:\n import jsonschema\nexcept ImportError:\n sys.exit(77)\n\
+             s=json.load(open(sys.argv[1])); d=json.load(open(sys.argv[2]))\n\
+             jsonschema.Draft202012Validator.check_schema(s)\n\
+             jsonschema.Draft202012Validator(s).validate(d)\nprint(len(d['changes']))",
+            schema.to_str().unwrap(),
+            doc.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    if check.status.code() == Some(77) {
+        let required = layerpack_tests::required_backends();
+        assert!(
+            !required.iter().any(|r| r == "python3"),
+            "LAYERPACK_REQUIRE includes python3, but its jsonschema module is missing"
+        );
+        return Ok(libtest_mimic::Completion::ignored_with(
+            "python3 has no jsonschema module",
+        ));
+    }
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let n: usize = String::from_utf8_lossy(&check.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(n >= 10, "only {n} changes");
+    // The schema's own claims, on the real output.
+    let v = read_json(&doc);
+    assert_eq!(v["schema_version"], 1);
+    let kinds: Vec<&str> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    for k in ["file", "symlink", "fifo"] {
+        assert!(kinds.contains(&k), "{k} missing: {kinds:?}");
+    }
+    passed()
+}
+
 fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
@@ -906,6 +993,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    changes_json_follows_its_published_schema,
     every_command_speaks_json_lines_on_success_and_failure,
     no_lock_files_are_left_behind,
     name_version_and_arch_limits_are_checked_before_anything_runs,
