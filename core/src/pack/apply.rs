@@ -142,7 +142,10 @@ fn apply_ar(mut input: impl Read, x: &mut Extractor<'_>) -> Result<()> {
             "control.tar.gz" => deletions = Some(read_deletions(&mut body, package)?),
             "data.tar.gz" => {
                 let Some(del) = deletions.take() else {
-                    return Err(bad(package, "data.tar.gz comes before control.tar.gz"));
+                    return Err(bad(
+                        package,
+                        "data.tar.gz comes before control.tar.gz, or there is no control.tar.gz",
+                    ));
                 };
                 x.delete_all(&del);
                 x.extract(tar::Archive::new(GzDecoder::new(&mut body)))?;
