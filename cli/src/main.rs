@@ -275,6 +275,7 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         None => Config::default(),
     };
     let progress = progress::Progress::new(cli.global.json);
+    layerpack_core::progress::set_reporter(Some(progress.reporter()));
     let userns = rootless_run(&cli.command, &config)?;
     let mut registry = Registry::new();
     layerpack_backend_snapshot::register_with_progress(&mut registry, Some(progress.callback()))?;

@@ -1,5 +1,8 @@
-//! Progress on stderr for scans that take more than a second. Whether to
-//! draw at all is one pure function of (terminal, CI, --json).
+//! Progress on stderr for every step that takes more than a second (scans
+//! through the snapshot backend's callback, and every step of the library
+//! through the reporter installed in `layerpack_core::progress`). Whether
+//! to draw at all is one pure function of (terminal, CI, --json).
+//! `LAYERPACK_PROGRESS_DELAY_MS` changes the one-second delay (tests).
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +14,24 @@ use layerpack_core::tree::Progress as Callback;
 /// Draw progress only for a person watching a terminal.
 pub fn should_draw(stderr_is_terminal: bool, is_ci: bool, json: bool) -> bool {
     stderr_is_terminal && !is_ci && !json
+}
+
+/// How long a step runs before its progress is drawn.
+fn delay() -> Duration {
+    std::env::var("LAYERPACK_PROGRESS_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(1))
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} bytes"),
+    }
 }
 
 struct State {
@@ -74,7 +95,7 @@ impl Progress {
             state.count.store(n, Ordering::Relaxed);
             let now = Instant::now();
             let started = state.started.lock().ok().and_then(|s| *s);
-            if started.is_none_or(|s| now - s < Duration::from_secs(1)) {
+            if started.is_none_or(|s| now - s < delay()) {
                 return;
             }
             if let Ok(mut last) = state.last.lock() {
@@ -86,6 +107,59 @@ impl Progress {
             let label = state.label.lock().map(|l| l.clone()).unwrap_or_default();
             let mut err = std::io::stderr().lock();
             let _ = write!(err, "\r\x1b[Klayerpack: {label}: {n} entries");
+            let _ = err.flush();
+            state.drawn.store(true, Ordering::Relaxed);
+        })
+    }
+}
+
+impl Progress {
+    /// The reporter for the library's steps: each step's label and count
+    /// on one line, redrawn at most ten times a second, cleared at its end.
+    pub fn reporter(&self) -> layerpack_core::progress::Reporter {
+        use layerpack_core::progress::Unit;
+        let enabled = self.enabled;
+        let state = self.state.clone();
+        Arc::new(move |label: &str, done: Option<u64>, unit: Unit| {
+            if !enabled {
+                return;
+            }
+            let now = Instant::now();
+            let Some(n) = done else {
+                if state.drawn.swap(false, Ordering::Relaxed) {
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\r\x1b[K");
+                    let _ = err.flush();
+                }
+                if let Ok(mut l) = state.label.lock() {
+                    l.clear();
+                }
+                return;
+            };
+            let mut new_step = false;
+            if let (Ok(mut l), Ok(mut s)) = (state.label.lock(), state.started.lock()) {
+                if *l != label {
+                    *l = label.to_string();
+                    *s = Some(now);
+                    new_step = true;
+                }
+                if s.is_some_and(|s| now - s < delay()) {
+                    return;
+                }
+            }
+            if let Ok(mut last) = state.last.lock() {
+                // A new step is drawn at once; then ten times a second.
+                if !new_step && last.is_some_and(|l| now - l < Duration::from_millis(100)) {
+                    return;
+                }
+                *last = Some(now);
+            }
+            let count = match unit {
+                Unit::Entries => format!("{n} entries"),
+                Unit::Bytes => human_bytes(n),
+            };
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[Klayerpack: {label}: {count}");
             let _ = err.flush();
             state.drawn.store(true, Ordering::Relaxed);
         })

@@ -18,6 +18,7 @@ pub mod model;
 pub mod ops;
 pub mod pack;
 pub mod plugin;
+pub mod progress;
 pub mod registry;
 pub mod roots;
 pub mod scenarios;

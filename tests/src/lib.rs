@@ -112,6 +112,7 @@ pub const REQUIRE_WORDS: &[&str] = &[
     "bsdtar",
     "python3",
     "tar",
+    "script",
 ];
 
 /// What to make of a scenario the machine or the backend cannot run.

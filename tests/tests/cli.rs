@@ -703,6 +703,57 @@ fn changes_json_follows_its_published_schema() -> Outcome {
     passed()
 }
 
+/// On a terminal (a pty made by `script`), every long step of a capture
+/// shows its progress with its own label — scanning, reading the layer,
+/// packing, folding; under `--json` or `CI=true` nothing is drawn.
+fn progress_is_drawn_on_a_terminal_for_each_step_and_never_in_json_or_ci() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs"), Need::Tool("script")]) {
+        return skip;
+    }
+    let e = Env::new("progress");
+    let install = "cd \"$LAYERPACK_ROOT\" && mkdir d && cd d && seq 1 20000 | xargs touch && head -c 3000000 /dev/zero > blob";
+    for (mode, draws) in [("terminal", true), ("json", false), ("ci", false)] {
+        let pkg = format!("p{mode}");
+        let json = if mode == "json" { "--json" } else { "" };
+        let line = format!(
+            "{} {json} run {pkg} --root {} --backend overlayfs --version 1 --out {} -- sh -c '{install}'",
+            layerpack_bin().display(),
+            e.root().display(),
+            e.out().display()
+        );
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"])
+            .env("LAYERPACK_STATE_DIR", e.dir.join("state"))
+            .env("LAYERPACK_PROGRESS_DELAY_MS", "0")
+            .env_remove("CI");
+        if mode == "ci" {
+            cmd.env("CI", "true");
+        }
+        let o = cmd.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let transcript = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
+        for label in [
+            "reading the layer",
+            "packing 20002 entries",
+            "folding the layer into",
+        ] {
+            assert_eq!(
+                transcript.contains(&format!("layerpack: {label}")),
+                draws,
+                "{mode}: {label}:\n{transcript}"
+            );
+        }
+        // Whatever was drawn is cleared again.
+        assert_eq!(transcript.contains("\x1b[K"), draws, "{mode}");
+        fs::remove_dir_all(e.root().join("d")).unwrap();
+    }
+    passed()
+}
+
 fn config_errors_name_file_line_and_key() -> Outcome {
     let e = Env::new("config");
     let cfg = e.dir.join("layerpack.toml");
@@ -993,6 +1044,7 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    progress_is_drawn_on_a_terminal_for_each_step_and_never_in_json_or_ci,
     changes_json_follows_its_published_schema,
     every_command_speaks_json_lines_on_success_and_failure,
     no_lock_files_are_left_behind,

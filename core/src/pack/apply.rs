@@ -94,6 +94,10 @@ pub fn apply(package: &Path, root: &Path) -> Result<Applied> {
         seen: HashSet::new(),
         tmp_counter: 0,
         out: Applied::default(),
+        progress: crate::progress::step(
+            format!("applying {}", package.display()),
+            crate::progress::Unit::Entries,
+        ),
     };
     let input = BufReader::new(file);
     let done = match format {
@@ -304,6 +308,7 @@ struct Extractor<'a> {
     seen: HashSet<RelPath>,
     tmp_counter: u64,
     out: Applied,
+    progress: crate::progress::Step,
 }
 
 fn os(b: &[u8]) -> &OsStr {
@@ -361,6 +366,7 @@ impl Extractor<'_> {
 
     /// One archive member.
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<()> {
+        self.progress.add(1);
         let raw = e.path_bytes().to_vec();
         let path = match RelPath::parse(&raw) {
             Ok(p) => p,

@@ -163,7 +163,12 @@ pub fn scan_feed(dir: &Path) -> Result<Vec<FeedEntry>> {
     let mut files = Vec::new();
     collect(dir, Path::new(""), &mut files)?;
     let mut best: BTreeMap<(String, String), FeedEntry> = BTreeMap::new();
+    let progress = crate::progress::step(
+        format!("indexing {}", dir.display()),
+        crate::progress::Unit::Entries,
+    );
     for rel in files {
+        progress.add(1);
         let abs = dir.join(&rel);
         let bytes = fs::read(&abs).map_err(|e| Error::io(&abs, "cannot read package", e))?;
         let control = read_control(&bytes).ok_or_else(|| {

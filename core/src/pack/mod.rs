@@ -531,6 +531,10 @@ fn write_data_tar<W: Write>(
     oci_whiteouts: bool,
 ) -> Result<W> {
     let mut w = TarWriter::new(out);
+    let progress = crate::progress::step(
+        format!("packing {} entries", plan.entries.len()),
+        crate::progress::Unit::Bytes,
+    );
     let mut names: Vec<(RelPath, Vec<u8>)> = Vec::new();
     let present: std::collections::BTreeSet<&RelPath> =
         plan.entries.iter().map(|e| &e.path).collect();
@@ -625,6 +629,7 @@ fn write_data_tar<W: Write>(
             };
             w.data(&mut hashing, e.size)
                 .map_err(io_err(&abs, "cannot package"))?;
+            progress.add(e.size);
             let got: [u8; 32] = hashing.hash.finalize().into();
             if e.sha256.is_some_and(|h| h != got) {
                 return Err(Error::new(

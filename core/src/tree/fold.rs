@@ -49,6 +49,7 @@ struct Folder<'a> {
     format: WhiteoutFormat,
     ops: usize,
     fail_after: Option<usize>,
+    progress: crate::progress::Step,
 }
 
 fn rm_rf(p: &Path) -> io::Result<()> {
@@ -157,6 +158,7 @@ impl Folder<'_> {
             let child = rel.join(&name);
             let (u, b) = (reach(self.upper, &child)?, reach(self.base, &child)?);
             let ur = Record::read(&u, child.clone(), false)?;
+            self.progress.add(1);
             match self.format.entry(&ur, &u) {
                 UpperEntry::Content => {}
                 UpperEntry::Whiteout(target) => {
@@ -261,6 +263,10 @@ pub fn fold(upper: &Path, base: &Path, format: WhiteoutFormat, opts: FoldOptions
                     format,
                     ops: 0,
                     fail_after: opts.fail_after,
+                    progress: crate::progress::step(
+                        format!("folding the layer into {}", base.display()),
+                        crate::progress::Unit::Entries,
+                    ),
                 };
                 f.fold_dir(&RelPath::root())
             })

@@ -195,8 +195,13 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             },
         );
     };
+    let progress = crate::progress::step(
+        format!("reading the layer {}", upper.display()),
+        crate::progress::Unit::Entries,
+    );
     for rec in TreeScan::start(upper, ScanOptions::default())? {
         let mut r = rec?;
+        progress.add(1);
         let abs = reach(upper, &r.path)?;
         format.check_supported(&abs)?;
         match format.entry(&r, &abs) {
