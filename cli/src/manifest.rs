@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use layerpack_core::jsonbytes::to_json;
 use layerpack_core::model::{Change, ChangeKind, ChangeSet};
-use layerpack_core::session::write_atomic;
+use layerpack_core::session::{write_atomic, write_atomic_with};
 use layerpack_core::tree::hex;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -127,18 +127,36 @@ pub fn write_changes_json(
     root: &Path,
     cs: &ChangeSet,
 ) -> Result<std::path::PathBuf> {
-    let doc = json!({
-        "schema_version": CHANGES_SCHEMA_VERSION,
-        "package": package,
-        "backend": backend,
-        "root": to_json(root.as_os_str().as_encoded_bytes()),
-        "summary": summary(cs),
-        "changes": cs.changes().iter().map(change_json).collect::<Vec<_>>(),
-    });
+    /// The changes, serialized one record at a time as they are written:
+    /// the document is never in memory whole.
+    struct Changes<'a>(&'a ChangeSet);
+    impl Serialize for Changes<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.changes().iter().map(ChangeRecord::of))
+        }
+    }
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        schema_version: u32,
+        package: &'a str,
+        backend: &'a str,
+        root: Value,
+        summary: Value,
+        changes: Changes<'a>,
+    }
+    let doc = Doc {
+        schema_version: CHANGES_SCHEMA_VERSION,
+        package,
+        backend,
+        root: to_json(root.as_os_str().as_encoded_bytes()),
+        summary: summary(cs),
+        changes: Changes(cs),
+    };
     let path = out.join(format!("{package}.changes.json"));
-    let mut text = serde_json::to_vec_pretty(&doc)?;
-    text.push(b'\n');
-    write_atomic(&path, &text)?;
+    write_atomic_with(&path, |w| {
+        serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::from)?;
+        w.write_all(b"\n")
+    })?;
     Ok(path)
 }
 

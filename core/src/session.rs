@@ -471,6 +471,15 @@ fn resolve_lexically(path: &Path) -> Result<PathBuf> {
 /// Write a file so that readers see the old or the new content, never a
 /// mix, even after a crash.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(data))
+}
+
+/// [`write_atomic`], the content written by `write` into a buffered
+/// writer (so it never has to be in memory whole).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -478,9 +487,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create", e))?;
-        f.write_all(data)
-            .and_then(|()| f.sync_all())
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create", e))?;
+        let mut w = std::io::BufWriter::new(f);
+        write(&mut w)
+            .and_then(|()| w.into_inner().map_err(|e| e.into_error()))
+            .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&tmp, "cannot write", e))?;
         fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot replace", e))?;
         if let Ok(d) = File::open(dir) {
