@@ -25,6 +25,39 @@ type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
 const AS_PLUGINS: &[&str] = &["snapshot", "overlayfs"];
 use libtest_mimic::{Arguments, Failed, Trial};
 
+/// The trial of a backend that cannot run here: a failure when
+/// `LAYERPACK_REQUIRE` names it, else ignored with the reason.
+fn unavailable(test_name: String, backend: &str, must_run: bool, why: &str) -> Trial {
+    if must_run {
+        let msg = format!("LAYERPACK_REQUIRE includes {backend}, but it cannot run here: {why}");
+        Trial::test(test_name, move || Err(msg.into()))
+    } else {
+        ignored(test_name, format!("backend unavailable: {why}"))
+    }
+}
+
+/// A trial that creates backend `name` from `make` and runs `check` on
+/// it in the scratch directory `work`.
+fn backend_trial(
+    test_name: String,
+    work: &std::path::Path,
+    name: &str,
+    make: &MakeRegistry,
+    check: impl FnOnce(&dyn layerpack_core::backend::LayerBackend, &std::path::Path) -> Result<(), String>
+        + Send
+        + 'static,
+) -> Trial {
+    let (work, name, make) = (work.to_path_buf(), name.to_string(), make.clone());
+    Trial::test(test_name, move || {
+        let registry = make();
+        let backend = registry
+            .create(&name, &BackendConfig::empty(&name))
+            .map_err(|e| Failed::from(e.to_string()))?;
+        std::fs::create_dir_all(&work).map_err(|e| Failed::from(e.to_string()))?;
+        check(&*backend, &work).map_err(Failed::from)
+    })
+}
+
 /// A trial that is ignored at run time with `why` as its reason.
 fn ignored(name: String, why: String) -> Trial {
     Trial::ignorable_test(name, move || {
@@ -90,24 +123,12 @@ fn main() -> ExitCode {
         if let Ok((probe, caps)) = &probe {
             if caps.max_name_len.is_some() {
                 let test_name = format!("{label}::name_limit_refused");
-                if let Some(why) = probe.reason() {
-                    if must_run {
-                        let msg = format!("LAYERPACK_REQUIRE includes {name}, but: {why}");
-                        trials.push(Trial::test(test_name, move || Err(msg.into())));
-                    } else {
-                        trials.push(ignored(test_name, format!("backend unavailable: {why}")));
-                    }
-                } else {
-                    let (work, name, make) = (work.join(&label), name.to_string(), make.clone());
-                    trials.push(Trial::test(test_name, move || {
-                        let registry = make();
-                        let backend = registry
-                            .create(&name, &BackendConfig::empty(&name))
-                            .map_err(|e| Failed::from(e.to_string()))?;
-                        std::fs::create_dir_all(&work).map_err(|e| Failed::from(e.to_string()))?;
-                        scenarios::check_name_limit(&*backend, &work).map_err(Failed::from)
-                    }));
-                }
+                trials.push(match probe.reason() {
+                    Some(why) => unavailable(test_name, name, must_run, &why),
+                    None => backend_trial(test_name, &work.join(&label), name, &make, |b, w| {
+                        scenarios::check_name_limit(b, w)
+                    }),
+                });
             }
         }
         for sc in scenarios::all() {
@@ -121,14 +142,7 @@ fn main() -> ExitCode {
                 }
             };
             if let Some(why) = probe.reason() {
-                if must_run {
-                    let msg =
-                        format!("LAYERPACK_REQUIRE includes {name}, but it cannot run here: {why}");
-                    trials.push(Trial::test(test_name, move || Err(msg.into())));
-                } else {
-                    let why = format!("backend unavailable: {why}");
-                    trials.push(ignored(test_name, why));
-                }
+                trials.push(unavailable(test_name, name, must_run, &why));
                 continue;
             }
             if let Some(skip) = sc.skip_reason(&caps, &work) {
@@ -141,17 +155,13 @@ fn main() -> ExitCode {
                 }
                 continue;
             }
-            let work = work.join(&label);
-            let name = name.to_string();
-            let make = make.clone();
-            trials.push(Trial::test(test_name, move || {
-                let registry = make();
-                let backend = registry
-                    .create(&name, &BackendConfig::empty(&name))
-                    .map_err(|e| Failed::from(e.to_string()))?;
-                std::fs::create_dir_all(&work).map_err(|e| Failed::from(e.to_string()))?;
-                scenarios::run(&*backend, &sc, &work).map_err(Failed::from)
-            }));
+            trials.push(backend_trial(
+                test_name,
+                &work.join(&label),
+                name,
+                &make,
+                move |b, w| scenarios::run(b, &sc, w),
+            ));
         }
     }
     libtest_mimic::run(&args, trials).exit_code()
