@@ -181,19 +181,18 @@ fn base_record(base_dir: &Beneath, base: &Path, rel: &RelPath) -> Result<Option<
 /// Read `upper` (in `format`) against `base` as a change set.
 pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<ChangeSet> {
     let base_dir = Beneath::open(base)?;
-    let mut changes: BTreeMap<RelPath, Change> = BTreeMap::new();
+    // Keyed by path, which is therefore not kept a second time.
+    let mut changes: BTreeMap<RelPath, (ChangeKind, crate::model::Meta)> = BTreeMap::new();
+    // Upper entries below an opaque directory (only those: the final pass
+    // needs nothing else), and the opaque directories enclosing the
+    // current entry of the depth-first scan.
     let mut present: HashSet<RelPath> = HashSet::new();
     let mut hidden: Vec<RelPath> = Vec::new();
+    let mut enclosing: Vec<RelPath> = Vec::new();
     let mut links = LinkGroups::default();
-    let deleted = |changes: &mut BTreeMap<RelPath, Change>, r: &Record| {
-        changes.insert(
-            r.path.clone(),
-            Change {
-                path: r.path.clone(),
-                kind: ChangeKind::Deleted,
-                meta: r.to_meta(),
-            },
-        );
+    let deleted = |changes: &mut BTreeMap<RelPath, (ChangeKind, crate::model::Meta)>,
+                   r: &Record| {
+        changes.insert(r.path.clone(), (ChangeKind::Deleted, r.to_meta()));
     };
     let progress = crate::progress::step(
         format!("reading the layer {}", upper.display()),
@@ -222,12 +221,18 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             UpperEntry::Content => {}
         }
         let old = base_record(&base_dir, base, &r.path)?;
-        present.insert(r.path.clone());
+        while enclosing.last().is_some_and(|h| !r.path.starts_with(h)) {
+            enclosing.pop();
+        }
+        if !enclosing.is_empty() {
+            present.insert(r.path.clone());
+        }
         let verdict = match &old {
             None => Some(ChangeKind::Added),
             Some(o) if o.kind == FileKind::Dir && r.kind == FileKind::Dir => {
                 if format.is_opaque(&abs) {
                     hidden.push(r.path.clone());
+                    enclosing.push(r.path.clone());
                 }
                 meta_differs(o, &r).then_some(ChangeKind::Modified {
                     content_changed: false,
@@ -264,14 +269,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         }
         let mut meta = r.to_meta();
         meta.link_group = links.assign(&r);
-        changes.insert(
-            r.path.clone(),
-            Change {
-                path: r.path.clone(),
-                kind,
-                meta,
-            },
-        );
+        changes.insert(r.path, (kind, meta));
     }
     // Opaque directories hide every base child the upper layer lacks.
     for dir in hidden {
@@ -282,7 +280,10 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             }
         }
     }
-    let mut out: Vec<Change> = changes.into_values().collect();
+    let mut out: Vec<Change> = changes
+        .into_iter()
+        .map(|(path, (kind, meta))| Change { path, kind, meta })
+        .collect();
     links.finish(&mut out);
     Ok(ChangeSet::from_unsorted(out))
 }
