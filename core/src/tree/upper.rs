@@ -165,22 +165,53 @@ pub fn scan_below(base: &Path, rel: &RelPath) -> Result<Vec<Record>> {
     Ok(out)
 }
 
-/// The base's entry at `rel`, as the union saw it: a path below a
+/// Looks entries up in the base as the union saw it: a path below a
 /// symlink of the base (`lib -> usr/lib`, then `lib/foo`) does not exist
-/// there, whatever the link points at, so no symlink is followed.
-fn base_record(base_dir: &Beneath, base: &Path, rel: &RelPath) -> Result<Option<Record>> {
-    let abs = rel.under(base);
-    match base_dir.stat(rel) {
-        Ok(Some(_)) => Record::read(&reach(base, rel)?, rel.clone(), true).map(Some),
-        // Absent, or something on the way is not a directory in the base.
-        Ok(None) => Ok(None),
-        Err(e) => Err(Error::io(&abs, "cannot stat in the base", e)),
+/// there, whatever the link points at, so no symlink is followed. Whether
+/// a directory is reachable without one is checked once per directory
+/// (the base does not change while the layer is read).
+struct BaseLookup<'a> {
+    dir: Beneath,
+    base: &'a Path,
+    /// The last parent checked, and whether it is a real directory chain.
+    last: Option<(RelPath, bool)>,
+}
+
+impl BaseLookup<'_> {
+    fn record(&mut self, rel: &RelPath) -> Result<Option<Record>> {
+        let abs = rel.under(self.base);
+        let parent = rel.parent().unwrap_or_default();
+        let parent_ok = match &self.last {
+            Some((p, ok)) if *p == parent => *ok,
+            _ => {
+                let ok = self
+                    .dir
+                    .dir(&parent, crate::beneath::Follow::Nothing)
+                    .map_err(|e| Error::io(&abs, "cannot stat in the base", e))?
+                    .is_some();
+                self.last = Some((parent, ok));
+                ok
+            }
+        };
+        if !parent_ok {
+            return Ok(None);
+        }
+        let at = reach(self.base, rel)?;
+        match fs::symlink_metadata(&*at) {
+            Ok(md) => Record::from_metadata(&|| at.to_path_buf(), rel.clone(), &md, true).map(Some),
+            Err(e) if crate::beneath::absent(&e) => Ok(None),
+            Err(e) => Err(Error::io(&abs, "cannot stat in the base", e)),
+        }
     }
 }
 
 /// Read `upper` (in `format`) against `base` as a change set.
 pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<ChangeSet> {
-    let base_dir = Beneath::open(base)?;
+    let mut base_lookup = BaseLookup {
+        dir: Beneath::open(base)?,
+        base,
+        last: None,
+    };
     // Keyed by path, which is therefore not kept a second time.
     let mut changes: BTreeMap<RelPath, (ChangeKind, crate::model::Meta)> = BTreeMap::new();
     // Upper entries below an opaque directory (only those: the final pass
@@ -210,7 +241,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
                 let shadowed =
                     target != r.path && fs::symlink_metadata(&*reach(upper, &target)?).is_ok();
                 if !shadowed {
-                    if let Some(old) = base_record(&base_dir, base, &target)? {
+                    if let Some(old) = base_lookup.record(&target)? {
                         for b in scan_below(base, &old.path)? {
                             deleted(&mut changes, &b);
                         }
@@ -220,7 +251,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             }
             UpperEntry::Content => {}
         }
-        let old = base_record(&base_dir, base, &r.path)?;
+        let old = base_lookup.record(&r.path)?;
         while enclosing.last().is_some_and(|h| !r.path.starts_with(h)) {
             enclosing.pop();
         }
