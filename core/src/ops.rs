@@ -96,8 +96,11 @@ impl Context<'_> {
             fields.architecture.as_deref(),
         )?;
         let base = check_root(root)?;
-        let place = Place::of(&base)?;
-        self.state.check_outside(&place)?;
+        // One read of the mount table for every check of where things lie.
+        let mounts = crate::sys::read_mountinfo()
+            .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))?;
+        let place = Place::with_mounts(&base, &mounts)?;
+        self.state.check_outside(&place, &mounts)?;
         let choice = choice
             .or(self.config.backend.as_deref())
             .unwrap_or("snapshot");
@@ -126,7 +129,7 @@ impl Context<'_> {
             &Entry {
                 package: pkg.to_string(),
                 session_dir: session_dir.clone(),
-                root_was_mount_point: crate::roots::is_mount_point(&place.path)?,
+                root_was_mount_point: crate::roots::mount_point_in(&mounts, &place.path),
                 root: place,
                 orphaned_mounts: Vec::new(),
             },

@@ -126,9 +126,14 @@ pub struct Entry {
 pub fn is_mount_point(path: &Path) -> Result<bool> {
     let mounts = read_mountinfo()
         .map_err(|e| Error::io("/proc/self/mountinfo", "cannot read the mount table", e))?;
-    Ok(mounts
+    Ok(mount_point_in(&mounts, path))
+}
+
+/// Is something mounted right at `path`, per `mounts`?
+pub fn mount_point_in(mounts: &[MountInfo], path: &Path) -> bool {
+    mounts
         .iter()
-        .any(|m| m.mount_point == path.as_os_str().as_bytes()))
+        .any(|m| m.mount_point == path.as_os_str().as_bytes())
 }
 
 /// The per-user registry of open sessions' roots.

@@ -239,7 +239,7 @@ impl StateDir {
     /// scan would see our own files) or lies inside it, compared by where
     /// they lie ([`Place`]), so a bind mount or another path to the same
     /// directory is caught too.
-    pub fn check_outside(&self, base: &Place) -> Result<()> {
+    pub fn check_outside(&self, base: &Place, mounts: &[crate::sys::MountInfo]) -> Result<()> {
         let mut existing = self.root.as_path();
         while !existing.exists() {
             match existing.parent() {
@@ -249,7 +249,7 @@ impl StateDir {
         }
         // A state directory not made yet lies where its nearest existing
         // ancestor lies.
-        let state = Place::of(existing)?;
+        let state = Place::with_mounts(existing, mounts)?;
         if state.inside(base) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
