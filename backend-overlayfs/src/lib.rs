@@ -398,8 +398,12 @@ mod tests {
         (root, spec)
     }
 
-    fn in_place() -> OverlayConfig {
-        OverlayConfig { in_place: true }
+    /// An in-place backend over `fake` (user-namespace mode, so the xattr
+    /// probe on the upper needs no root).
+    fn in_place_over(root: &Path, fake: &Arc<FakeSys>) -> OverlayBackend {
+        OverlayBackend::new(OverlayConfig { in_place: true }, root)
+            .in_user_namespace(true)
+            .with_sys(fake.clone())
     }
 
     /// The exact calls of an in-place session, through the fake (user
@@ -408,9 +412,7 @@ mod tests {
     fn in_place_session_makes_exactly_these_calls() {
         let (root, spec) = fake_setup("calls");
         let fake = Arc::new(FakeSys::new());
-        let b = OverlayBackend::new(in_place(), &root)
-            .in_user_namespace(true)
-            .with_sys(fake.clone());
+        let b = in_place_over(&root, &fake);
         let begun = b.begin(&spec).unwrap();
         assert_eq!(begun.merged, spec.base);
         let spec = SessionSpec {
@@ -461,9 +463,7 @@ mod tests {
     fn a_session_without_its_recorded_state_is_an_error_not_a_guess() {
         let (root, spec) = fake_setup("nostate");
         let fake = Arc::new(FakeSys::new());
-        let b = OverlayBackend::new(in_place(), &root)
-            .in_user_namespace(true)
-            .with_sys(fake.clone());
+        let b = in_place_over(&root, &fake);
         let begun = b.begin(&spec).unwrap();
         assert_eq!(begun.merged, spec.base);
         // The state as begin returned it is not handed back.
@@ -485,9 +485,7 @@ mod tests {
         let (root, spec) = fake_setup("fail");
         let fake = Arc::new(FakeSys::new());
         fake.fail_at(2, nix::errno::Errno::EINVAL as i32);
-        let b = OverlayBackend::new(in_place(), &root)
-            .in_user_namespace(true)
-            .with_sys(fake.clone());
+        let b = in_place_over(&root, &fake);
         let err = b.begin(&spec).unwrap_err();
         assert!(err.to_string().contains("cannot mount overlay"), "{err}");
         let calls = fake.calls();

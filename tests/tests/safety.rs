@@ -60,6 +60,13 @@ impl Env {
             .unwrap()
     }
 
+    /// A config file making overlayfs mount on the root itself.
+    fn in_place_config(&self) -> String {
+        let cfg = self.dir.join("lp.toml");
+        fs::write(&cfg, "[backends.overlayfs]\nin_place = true\n").unwrap();
+        self.s(&cfg)
+    }
+
     fn bind(&self, from: &Path, to: &Path) {
         fs::create_dir_all(to).unwrap();
         nix::mount::mount(
@@ -198,9 +205,7 @@ fn an_unreadable_in_place_session_is_unmounted_by_abort_and_the_base_kept() -> O
         .args(["-a", &format!("{}/.", e.s(&e.root())), &e.s(&reference)])
         .status()
         .unwrap();
-    let cfg = e.dir.join("lp.toml");
-    fs::write(&cfg, "[backends.overlayfs]\nin_place = true\n").unwrap();
-    let c = e.s(&cfg);
+    let c = e.in_place_config();
     let root = e.s(&e.root());
     let st = ["--config", c.as_str(), "--state-dir", "state"];
     let with = |args: &[&str]| e.lp(&[&st[..], args].concat());
@@ -244,12 +249,11 @@ fn a_state_dir_gone_under_an_open_session_is_named_at_the_next_init() -> Outcome
         return skip;
     }
     let e = Env::new("gone");
-    let cfg = e.dir.join("lp.toml");
-    fs::write(&cfg, "[backends.overlayfs]\nin_place = true\n").unwrap();
+    let c = e.in_place_config();
     let root = e.s(&e.root());
     ok(&e.lp(&[
         "--config",
-        &e.s(&cfg),
+        &c,
         "--state-dir",
         "state",
         "init",
