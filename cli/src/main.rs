@@ -470,44 +470,27 @@ impl App {
         let bar = self
             .progress
             .start(&format!("reading the layer of {package}"));
+        let mut counts = None;
         let done = ctx.finish(package, how, &copts, |s, cs, content| {
-            let keep_owners = ctx
+            let records_ownership = ctx
                 .backend(&s.backend)
                 .map(|b| b.capabilities().records_ownership)
                 .unwrap_or(false);
-            let mut packaging =
-                packaging::Packaging::decide(&opts.pack, version, &self.config, s, keep_owners)
-                    .map_err(core_err)?;
-            let clashes = packaging::collisions(&out, &s.package, cs).map_err(core_err)?;
-            for (path, other) in &clashes {
-                notes.push(format!(
-                    "{path}: touched by more than one package ({other} installed it, {} changed it)",
-                    s.package
-                ));
-            }
-            if opts.pack.strict && !clashes.is_empty() {
-                return Err(layerpack_core::Error::new(
-                    layerpack_core::ErrorKind::InvalidInput,
-                    format!(
-                        "--strict: {} changed {} file(s) that other packages installed: {}",
-                        s.package,
-                        clashes.len(),
-                        notes.join("; ")
-                    ),
-                ));
-            }
-            written.extend(packaging.write(cs, content, &out).map_err(core_err)?);
+            let mut packaging = packaging::Packaging::decide(
+                &opts.pack,
+                version,
+                &self.config,
+                s,
+                records_ownership,
+            )
+            .map_err(core_err)?;
+            let w = packaging.write(s, cs, content, &out).map_err(core_err)?;
             notes.append(&mut packaging.notes);
             let path = manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs)
                 .map_err(core_err)?;
+            written.extend(w.paths);
             written.push(path);
-            let unlisted = manifest::update_file_list(&out, &s.package, cs).map_err(core_err)?;
-            for p in unlisted {
-                notes.push(format!(
-                    "{p:?} has a newline in its name; it is in {package}.changes.json but not in packages-file-list.txt"
-                ));
-            }
-            written.push(out.join("packages-file-list.txt"));
+            counts = Some(w.counts);
             Ok(())
         })?;
         drop(bar);
@@ -526,6 +509,9 @@ impl App {
                 "package": package,
                 "backend": done.session.backend,
                 "summary": done.changes.as_ref().map(manifest::summary),
+                "package": counts.as_ref().map(|c| json!({
+                    "from_layer": c.from_layer, "kept": c.kept, "dropped": c.dropped,
+                    "diverted": c.diverted, "shipped_foreign": c.shipped, "skipped_foreign": c.skipped})),
                 "outputs": written.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
                 "result": what,
                 "warnings": notes,
@@ -537,6 +523,14 @@ impl App {
                     "layerpack: {package}: {} added, {} modified, {} metadata only, {} deleted",
                     s["added"], s["modified"], s["metadata_only"], s["deleted"]
                 );
+            }
+            if let Some(c) = &counts {
+                if c.kept + c.dropped + c.diverted + c.shipped + c.skipped > 0 {
+                    eprintln!(
+                        "layerpack: {package}: the package holds {} entries from this install and {} kept from its earlier capture; {} dropped; {} edits of files it does not own carried by scripts, {} shipped as its own, {} left out",
+                        c.from_layer, c.kept, c.dropped, c.diverted, c.shipped, c.skipped
+                    );
+                }
             }
             for p in &written {
                 print_line(&p.display().to_string())?;
@@ -872,13 +866,43 @@ impl App {
     fn apply(&self, package: &Path, root: &Path) -> Result<()> {
         let a = layerpack_core::pack::apply::apply(package, root)?;
         if self.global.json {
+            let scripts: Vec<Value> = a
+                .scripts
+                .iter()
+                .map(|(n, g)| json!({"name": n, "generated": g, "run": false}))
+                .collect();
             print_json(
                 &json!({"type": "apply", "format": a.format, "installed": a.installed,
-                "deleted": a.deleted, "refused": a.refused}),
+                "deleted": a.deleted, "edits": a.edits, "refused": a.refused,
+                "notes": a.notes, "scripts": scripts}),
             )?;
         } else {
             for r in &a.refused {
                 eprintln!("layerpack: refused: {r}");
+            }
+            for n in &a.notes {
+                eprintln!("layerpack: warning: {n}");
+            }
+            let own: Vec<&str> = a
+                .scripts
+                .iter()
+                .filter(|s| !s.1)
+                .map(|s| s.0.as_str())
+                .collect();
+            if !own.is_empty() {
+                eprintln!(
+                    "layerpack: {}: maintainer scripts not run: {} (apply runs no package's scripts)",
+                    package.display(),
+                    own.join(", ")
+                );
+            }
+            if a.scripts.iter().any(|s| s.1) {
+                eprintln!(
+                    "layerpack: {}: the steps of the scripts layerpack generated were carried out ({} deletions, {} edits of files the package does not own)",
+                    package.display(),
+                    a.deleted,
+                    a.edits
+                );
             }
             eprintln!(
                 "layerpack: {}: {} ({}) installed {} entries, deleted {}, refused {}",

@@ -4,10 +4,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use layerpack_core::jsonbytes::to_json;
 use layerpack_core::model::{Change, ChangeKind, ChangeSet};
-use layerpack_core::session::{write_atomic, write_atomic_with};
+use layerpack_core::session::write_atomic_with;
 use layerpack_core::tree::hex;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -158,49 +158,4 @@ pub fn write_changes_json(
         w.write_all(b"\n")
     })?;
     Ok(path)
-}
-
-/// Replace `package`'s lines in `<out>/packages-file-list.txt` with one
-/// `package,./path` line per file, symlink or special file it installed
-/// (Buildroot's format; directories and deletions are not listed). Returns
-/// the paths that cannot be written in a line-based format.
-pub fn update_file_list(out: &Path, package: &str, cs: &ChangeSet) -> Result<Vec<String>> {
-    let path = out.join("packages-file-list.txt");
-    // Finals of different packages may share an output directory and run
-    // at once (parallel builds): serialise the read-modify-write.
-    // The lock file goes when released: none is left in the feed.
-    let lock_path = out.join(".packages-file-list.lock");
-    let _lock =
-        layerpack_core::session::lock_file(&lock_path, true, "the file list")?.remove_on_release();
-    let old = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let prefix = format!("{package},");
-    let mut text = Vec::with_capacity(old.len() + cs.len() * 32);
-    for line in old.split_inclusive(|b| *b == b'\n') {
-        if !line.starts_with(prefix.as_bytes()) {
-            text.extend_from_slice(line);
-            if !line.ends_with(b"\n") {
-                text.push(b'\n');
-            }
-        }
-    }
-    let mut unlisted = Vec::new();
-    for c in cs.present() {
-        if c.meta.kind == layerpack_core::model::FileKind::Dir {
-            continue;
-        }
-        if c.path.as_bytes().contains(&b'\n') {
-            unlisted.push(c.path.display());
-            continue;
-        }
-        text.write_all(prefix.as_bytes())?;
-        text.write_all(b"./")?;
-        text.write_all(c.path.as_bytes())?;
-        text.push(b'\n');
-    }
-    write_atomic(&path, &text)?;
-    Ok(unlisted)
 }

@@ -2,14 +2,17 @@
 //! package metadata and formats, report collisions with other packages,
 //! and write the packages.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use layerpack_core::config::Config;
-use layerpack_core::model::{ChangeKind, ChangeSet};
-use layerpack_core::pack::{self, devtable, Format, MetaFields, PackOptions, PackageMeta, Plan};
+use layerpack_core::ledger::Ledger;
+use layerpack_core::model::ChangeSet;
+use layerpack_core::pack::compose::{self, Counts, ForeignPolicy};
+use layerpack_core::pack::{
+    self, devtable, Format, MetaFields, Owners, PackOptions, PackageMeta, Plan,
+};
 use layerpack_core::session::SessionFile;
 
 /// Package options of `final` and `run`.
@@ -45,6 +48,16 @@ pub struct PackArgs {
     /// Make a change to a file another package installed an error.
     #[arg(long)]
     pub strict: bool,
+    /// Owners in the package: auto (the owners the install made when it
+    /// ran as root; the build user's own uid/gid written as 0:0 when it
+    /// ran unprivileged), keep, or root (everything 0:0).
+    #[arg(long, value_name = "POLICY", value_parser = ["auto", "keep", "root"])]
+    pub owners: Option<String>,
+    /// Edits to files the package does not own: divert (default: shipped
+    /// at a private path, installed and restored by generated scripts),
+    /// ship (as the package's own file), skip, or fail.
+    #[arg(long = "foreign-edits", value_name = "POLICY", value_parser = ["divert", "ship", "skip", "fail"])]
+    pub foreign_edits: Option<String>,
     /// gzip level 1-9 (default 6).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=9))]
     pub compression: Option<u32>,
@@ -79,6 +92,8 @@ fn formats(args: &PackArgs, cfg: &Config) -> Result<(Vec<Format>, bool)> {
 pub struct Packaging {
     formats: Vec<Format>,
     meta: Option<PackageMeta>,
+    foreign: ForeignPolicy,
+    strict: bool,
     opts: PackOptions,
     /// Messages for the user.
     pub notes: Vec<String>,
@@ -91,7 +106,7 @@ impl Packaging {
         version: Option<&str>,
         cfg: &Config,
         s: &SessionFile,
-        keep_owners: bool,
+        records_ownership: bool,
     ) -> Result<Packaging> {
         let (formats, explicit) = formats(args, cfg)?;
         let cli = MetaFields {
@@ -150,12 +165,35 @@ impl Packaging {
                 })?),
                 _ => None,
             };
+        let owners = match args
+            .owners
+            .as_deref()
+            .or(cfg.owners.as_deref())
+            .unwrap_or("auto")
+        {
+            "keep" => Owners::Keep,
+            "root" => Owners::Root,
+            "auto" => match s.installer {
+                Some((uid, gid)) if uid != 0 && !records_ownership => Owners::MapUser { uid, gid },
+                _ => Owners::Keep,
+            },
+            other => bail!("owners = {other:?} in the config is not one of auto, keep, root"),
+        };
+        let foreign = ForeignPolicy::parse(
+            args.foreign_edits
+                .as_deref()
+                .or(cfg.foreign_edits.as_deref())
+                .unwrap_or("divert"),
+        )
+        .context("foreign_edits in the config")?;
         Ok(Packaging {
             formats,
             meta,
+            foreign,
+            strict: args.strict,
             opts: PackOptions {
                 source_date_epoch,
-                keep_owners,
+                owners,
                 device_table,
                 compression: args.compression,
                 threads: 0,
@@ -164,56 +202,119 @@ impl Packaging {
         })
     }
 
-    /// Write the packages of `cs` (content under `root`) into `out`.
-    pub fn write(&mut self, cs: &ChangeSet, root: &Path, out: &Path) -> Result<Vec<PathBuf>> {
-        let Some(meta) = &self.meta else {
-            return Ok(Vec::new());
+    /// Compose the package of session `s` from the layer `cs` (content
+    /// under `content`) and the ledger in `out`, write it in every format,
+    /// and record what it owns (ledger and `packages-file-list.txt`).
+    pub fn write(
+        &mut self,
+        s: &SessionFile,
+        cs: &ChangeSet,
+        content: &Path,
+        out: &Path,
+    ) -> Result<Written> {
+        let package = match &self.meta {
+            Some(m) => m.package.clone(),
+            None => pack::map_package_name(&s.package)
+                .map(|m| m.0)
+                .unwrap_or_else(|_| s.package.to_lowercase()),
         };
-        let plan = Plan::new(cs, root, &self.opts)?;
-        self.notes.extend(plan.warnings.iter().cloned());
-        if !plan.deletions.is_empty() && self.formats.iter().any(|f| matches!(f, Format::Tar)) {
+        let mut ledger = Ledger::open(out, &s.base)?;
+        if ledger.imported {
             self.notes.push(format!(
-                "the tar format cannot express the {} deletions; they are in the manifest",
-                plan.deletions.len()
+                "{} had no ledger: ownership taken from packages-file-list.txt",
+                out.display()
             ));
         }
-        let mut written = Vec::new();
-        for f in &self.formats {
-            written.push(pack::write_package(*f, meta, &plan, root, &self.opts, out)?);
+        if let Some(other) = ledger
+            .packages
+            .iter()
+            .find(|p| p.name != s.package && p.package.as_deref() == Some(package.as_str()))
+        {
+            bail!(
+                "'{}' and '{}' are both written as the package '{package}' in {}; rename one of them",
+                other.name,
+                s.package,
+                out.display()
+            );
         }
-        Ok(written)
+        let c = compose::compose(
+            &s.package,
+            &package,
+            s.version
+                .as_deref()
+                .or(self.meta.as_ref().map(|m| m.version.as_str())),
+            &ledger,
+            cs,
+            &s.base,
+            self.foreign,
+        )?;
+        if self.strict && !c.replaces.is_empty() {
+            bail!(
+                "--strict: {} changed files that other packages installed: {}",
+                s.package,
+                c.notes.join("; ")
+            );
+        }
+        self.notes.extend(c.notes.iter().cloned());
+        let mut written = Vec::new();
+        if let Some(meta) = &mut self.meta {
+            let own = meta.package.clone();
+            let join = |have: &Option<String>, add: &std::collections::BTreeSet<String>| {
+                let mut v: Vec<String> = have.iter().cloned().collect();
+                v.extend(add.iter().filter(|n| **n != own).cloned());
+                (!v.is_empty()).then(|| v.join(", "))
+            };
+            meta.replaces = join(&meta.replaces, &c.replaces);
+            meta.depends = join(&meta.depends, &c.depends);
+            let mut plan = Plan::build(c.items.clone(), content, &s.base, &self.opts)?;
+            plan.deletions = c.deletions.clone();
+            plan.edits = c.edits.clone();
+            self.notes.extend(plan.warnings.iter().cloned());
+            let removals = plan.deletions.len() + plan.edits.len();
+            if removals > 0 && self.formats.iter().any(|f| matches!(f, Format::Tar)) {
+                self.notes.push(format!(
+                    "the tar format cannot express the {removals} deletions and edits of files the package does not own; they are in the manifest",
+                ));
+            }
+            if self.formats.contains(&Format::Deb) {
+                for e in plan.entries.iter().filter(|e| !e.xattrs.is_empty()) {
+                    self.notes.push(format!(
+                        "{}: the deb carries no xattrs (dpkg refuses PAX headers); {}",
+                        e.path,
+                        if e.xattrs.contains_key(&b"security.capability"[..]) {
+                            "its postinst sets the file capabilities"
+                        } else {
+                            "they are not installed by dpkg"
+                        }
+                    ));
+                }
+            }
+            for f in &self.formats {
+                written.push(pack::write_package(*f, meta, &plan, &self.opts, out)?);
+            }
+        }
+        for (other, paths) in &c.taken {
+            ledger.disown(other, paths);
+        }
+        ledger.set(c.record);
+        for (pkg, path) in ledger.save()? {
+            self.notes.push(format!(
+                "{path:?} ({pkg}) has a newline in its name; it is in the ledger and changes.json but not in packages-file-list.txt"
+            ));
+        }
+        written.push(out.join(layerpack_core::ledger::LEDGER_FILE));
+        written.push(out.join(layerpack_core::ledger::FILE_LIST));
+        Ok(Written {
+            paths: written,
+            counts: c.counts,
+        })
     }
 }
 
-/// Paths this change set modifies or deletes that another package in
-/// `packages-file-list.txt` installed: (path, other package).
-pub fn collisions(out: &Path, package: &str, cs: &ChangeSet) -> Result<Vec<(String, String)>> {
-    let list = match std::fs::read(out.join("packages-file-list.txt")) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).context("cannot read packages-file-list.txt"),
-    };
-    let mut owner: BTreeMap<&[u8], &str> = BTreeMap::new();
-    for line in list.split(|b| *b == b'\n') {
-        let Some(comma) = line.iter().position(|b| *b == b',') else {
-            continue;
-        };
-        let (pkg, path) = (&line[..comma], &line[comma + 1..]);
-        let path = path.strip_prefix(b"./").unwrap_or(path);
-        if let Ok(pkg) = std::str::from_utf8(pkg) {
-            if pkg != package {
-                owner.insert(path, pkg);
-            }
-        }
-    }
-    Ok(cs
-        .changes()
-        .iter()
-        .filter(|c| c.kind != ChangeKind::Added)
-        .filter_map(|c| {
-            owner
-                .get(c.path.as_bytes())
-                .map(|o| (c.path.display(), o.to_string()))
-        })
-        .collect())
+/// What [`Packaging::write`] wrote.
+pub struct Written {
+    /// Files written.
+    pub paths: Vec<PathBuf>,
+    /// Which route the package's entries took.
+    pub counts: Counts,
 }

@@ -27,6 +27,11 @@ pub struct Config {
     /// Package formats `final` writes when `--format` is not given
     /// (default: ipk).
     pub formats: Option<Vec<String>>,
+    /// Owner policy: `auto` (default), `keep` or `root` (see `--owners`).
+    pub owners: Option<String>,
+    /// Foreign-edit policy: `divert` (default), `ship`, `skip` or `fail`
+    /// (see `--foreign-edits`).
+    pub foreign_edits: Option<String>,
     /// Buildroot device/permission tables applied to every package.
     #[serde(default)]
     pub device_tables: Vec<PathBuf>,

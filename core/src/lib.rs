@@ -14,6 +14,7 @@ pub mod beneath;
 pub mod config;
 mod error;
 pub mod jsonbytes;
+pub mod ledger;
 pub mod model;
 pub mod ops;
 pub mod pack;

@@ -148,6 +148,10 @@ impl Context<'_> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             backend_state: Default::default(),
+            installer: Some((
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )),
         };
         let started = self.state.create_dir(pkg).and_then(|()| {
             self.state.save(&session)?;

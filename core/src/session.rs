@@ -76,6 +76,10 @@ pub struct SessionFile {
     /// What the backend's `begin` recorded.
     #[serde(default)]
     pub backend_state: crate::backend::BackendState,
+    /// Effective uid and gid of the process that ran `init` (the install
+    /// runs as the same user): decides the default owner policy.
+    #[serde(default)]
+    pub installer: Option<(u32, u32)>,
 }
 
 /// The longest package name: it names the session directory, its lock

@@ -113,6 +113,8 @@ pub const REQUIRE_WORDS: &[&str] = &[
     "python3",
     "tar",
     "script",
+    "setcap",
+    "getcap",
 ];
 
 /// What to make of a scenario the machine or the backend cannot run.

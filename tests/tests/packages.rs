@@ -12,7 +12,9 @@ use std::process::{Command, Output, Stdio};
 use layerpack_core::backend::{ChangeOptions, LayerBackend, SessionSpec};
 use layerpack_core::config::BackendConfig;
 use layerpack_core::pack::tarw::{TarHeader, TarKind, TarWriter};
-use layerpack_core::pack::{self, apply, feed, Format, MetaFields, PackOptions, PackageMeta, Plan};
+use layerpack_core::pack::{
+    self, apply, feed, Format, MetaFields, Owners, PackOptions, PackageMeta, Plan,
+};
 use layerpack_core::scenarios::{self, backdate, compare_trees};
 use layerpack_tests::{builtin_registry, layerpack_bin, missing, passed, Need, Outcome};
 use serde_json::Value;
@@ -445,6 +447,7 @@ fn feed_index_matches_the_golden_file() -> Outcome {
     let cs = layerpack_core::tree::diff_trees(&empty, &content, &Default::default()).unwrap();
     let opts = PackOptions {
         source_date_epoch: Some(1_700_000_000),
+        owners: Owners::Root,
         ..PackOptions::default()
     };
     let plan = Plan::new(&cs, &content, &opts).unwrap();
@@ -477,7 +480,7 @@ fn feed_index_matches_the_golden_file() -> Outcome {
             ..MetaFields::default()
         };
         let meta = PackageMeta::resolve(name, &f).unwrap();
-        pack::write_package(Format::Ipk, &meta, &plan, &content, &opts, &out).unwrap();
+        pack::write_package(Format::Ipk, &meta, &plan, &opts, &out).unwrap();
     }
     let o = lp(&d, &["index", feed_dir.to_str().unwrap()]);
     ok(&o);
@@ -661,7 +664,7 @@ fn round_trip(
         .changes(&spec, &ChangeOptions::default())
         .map_err(|x| e(&x))?;
     let opts = PackOptions {
-        keep_owners: true,
+        owners: Owners::Keep,
         ..PackOptions::default()
     };
     let plan = Plan::new(&cs, &merged, &opts).map_err(|x| e(&x))?;
@@ -673,7 +676,7 @@ fn round_trip(
         },
     )
     .map_err(|x| e(&x))?;
-    let ipk = pack::write_package(Format::Ipk, &meta, &plan, &merged, &opts, &dir.join("out"))
+    let ipk = pack::write_package(Format::Ipk, &meta, &plan, &opts, &dir.join("out"))
         .map_err(|x| e(&x))?;
     backend.move_down(&spec).map_err(|x| e(&x))?;
     check_with_independent_readers(&ipk, &plan)?;
@@ -838,7 +841,108 @@ fn dpkg_extracts_the_deb_to_the_same_tree_as_apply() -> Outcome {
     passed()
 }
 
+/// Bytes a file occupies on disk.
+fn on_disk(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).unwrap().blocks() * 512
+}
+
+fn sparse_files_stay_sparse_through_capture_packing_apply_and_gnu_tar() -> Outcome {
+    if let Some(skip) = missing(READERS) {
+        return skip;
+    }
+    let d = scratch("sparse");
+    fs::create_dir_all(d.join("root")).unwrap();
+    // 10 GiB, 8 KiB of data in the middle: offsets and the size need GNU
+    // base-256 numbers.
+    ok(&install(
+        &d,
+        "disk",
+        &["--version", "1"],
+        r#"set -e; mkdir -p "$LAYERPACK_ROOT/var"; f="$LAYERPACK_ROOT/var/disk.img"
+           truncate -s 10G "$f"; printf '%8192s' data | dd of="$f" bs=4096 seek=2000000 conv=notrunc status=none"#,
+    ));
+    let src = d.join("root/var/disk.img");
+    if on_disk(&src) > 1 << 20 {
+        return Ok(layerpack_tests::Completion::ignored_with(
+            "the scratch filesystem does not keep holes",
+        ));
+    }
+    let ipk = d.join("out/disk_1_all.ipk");
+    let size = fs::metadata(&ipk).unwrap().len();
+    assert!(
+        size < 64 * 1024,
+        "the ipk holds the data, not the holes: {size} bytes"
+    );
+    let data = unpack_ar(&ipk).join("data.tar.gz");
+    let check = |what: &str, f: &Path| {
+        let md = fs::metadata(f).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(md.len(), 10 << 30, "{what}: size");
+        assert!(
+            on_disk(f) <= 1 << 20,
+            "{what}: {} bytes on disk",
+            on_disk(f)
+        );
+        let mut h = fs::File::open(f).unwrap();
+        use std::io::{Read, Seek};
+        h.seek(std::io::SeekFrom::Start(2_000_000 * 4096)).unwrap();
+        let mut buf = vec![0u8; 8192];
+        h.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf[8188..], b"data", "{what}: the data is where it was");
+    };
+    let by_tar = d.join("by-tar");
+    fs::create_dir(&by_tar).unwrap();
+    ok(&tool(
+        "tar",
+        &[
+            "-xzf",
+            data.to_str().unwrap(),
+            "-C",
+            by_tar.to_str().unwrap(),
+        ],
+    ));
+    check("GNU tar", &by_tar.join("var/disk.img"));
+    let listed = ok(&tool("bsdtar", &["-tvf", data.to_str().unwrap()]));
+    assert!(listed.contains("10737418240"), "{listed}");
+    let py = python(
+        "import tarfile,sys\nm=tarfile.open(sys.argv[1]).getmember('./var/disk.img')\nprint(m.size, m.issparse())",
+        &data,
+    );
+    assert_eq!(py.trim(), "10737418240 True");
+    let by_apply = d.join("by-apply");
+    fs::create_dir(&by_apply).unwrap();
+    ok(&lp(
+        &d,
+        &[
+            "apply",
+            ipk.to_str().unwrap(),
+            "--root",
+            by_apply.to_str().unwrap(),
+        ],
+    ));
+    check("apply", &by_apply.join("var/disk.img"));
+    let doc: Value =
+        serde_json::from_slice(&fs::read(d.join("out/disk.changes.json")).unwrap()).unwrap();
+    let sha = python(
+        "import hashlib,sys\nprint(hashlib.file_digest(open(sys.argv[1],'rb'),'sha256').hexdigest())",
+        &src,
+    );
+    let rec = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == "var/disk.img")
+        .unwrap();
+    assert_eq!(
+        rec["sha256"].as_str().unwrap(),
+        sha.split_whitespace().next().unwrap(),
+        "the hash counts the holes as the zeros they read as"
+    );
+    passed()
+}
+
 layerpack_tests::test_main!(
+    sparse_files_stay_sparse_through_capture_packing_apply_and_gnu_tar,
     hello_ipk_is_read_by_dpkg_deb_tar_bsdtar_and_python,
     same_layer_and_epoch_give_identical_bytes_across_roots,
     ipk_and_ipk_openwrt_together_are_refused,

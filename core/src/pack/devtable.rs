@@ -125,7 +125,9 @@ fn set(e: &mut PlannedEntry, d: &DevEntry) {
 
 fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry {
     PlannedEntry {
+        src: path.clone(),
         path,
+        source: super::Source::Synthetic,
         kind,
         mode: d.mode.unwrap_or(0o644) & 0o7777,
         uid: d.uid.unwrap_or(0),
@@ -140,6 +142,7 @@ fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry
         },
         hardlink_to: None,
         sha256: None,
+        xattrs: Default::default(),
     }
 }
 

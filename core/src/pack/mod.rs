@@ -11,15 +11,19 @@
 //! order. Same inputs, same bytes.
 
 pub mod apply;
+pub mod caps;
+pub mod compose;
 pub mod devtable;
 pub mod feed;
 pub mod pgz;
+pub mod scripts;
 pub mod tarw;
 pub mod version;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
@@ -27,7 +31,7 @@ use flate2::{Compression, GzBuilder};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{ChangeSet, FileKind, RelPath};
+use crate::model::{escape_bytes, ChangeSet, FileKind, Meta, RelPath, Xattrs};
 use crate::{Error, ErrorKind, Result};
 use tarw::{TarHeader, TarKind, TarWriter};
 
@@ -162,6 +166,8 @@ pub struct PackageMeta {
     pub description: String,
     /// Optional fields, in control-file order.
     pub depends: Option<String>,
+    /// Replaces (other captured packages whose files this one edits).
+    pub replaces: Option<String>,
     /// Section.
     pub section: Option<String>,
     /// Priority.
@@ -288,6 +294,7 @@ impl PackageMeta {
                 .clone()
                 .unwrap_or_else(|| format!("{name}, captured by layerpack")),
             depends: fields.depends.clone(),
+            replaces: None,
             section: fields.section.clone(),
             priority: fields.priority.clone(),
             source: fields.source.clone(),
@@ -328,6 +335,7 @@ impl PackageMeta {
         let mut s = format!("Package: {}\nVersion: {}\n", self.package, self.version);
         for (k, v) in [
             ("Depends", &self.depends),
+            ("Replaces", &self.replaces),
             ("Source", &self.source),
             ("Section", &self.section),
             ("Priority", &self.priority),
@@ -356,13 +364,32 @@ impl PackageMeta {
     }
 }
 
+/// Whose owners a package carries (`--owners`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Owners {
+    /// The owners the capture saw (an install run as root, or a backend
+    /// that recorded what an unprivileged install asked for).
+    #[default]
+    Keep,
+    /// Everything 0:0.
+    Root,
+    /// The build user's own uid and gid become 0:0; other owners are kept
+    /// (an unprivileged install can only create files it owns).
+    MapUser {
+        /// The build user's uid.
+        uid: u32,
+        /// The build user's gid.
+        gid: u32,
+    },
+}
+
 /// How to turn a layer into package entries.
 #[derive(Clone, Debug, Default)]
 pub struct PackOptions {
     /// Clamp mtimes to this (seconds); from `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
-    /// Keep the owners the backend recorded (fuse) instead of 0:0.
-    pub keep_owners: bool,
+    /// The owner policy.
+    pub owners: Owners,
     /// Permission table lines applied at pack time.
     pub device_table: Vec<devtable::DevEntry>,
     /// gzip level 1..=9 (default 6, as `gzip -6`).
@@ -372,11 +399,28 @@ pub struct PackOptions {
     pub threads: usize,
 }
 
+/// Where a package entry's content is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// The layer this capture read (the backend's content root).
+    Layer,
+    /// The base: an entry the package owns that this install left alone.
+    Base,
+    /// Nothing: a directory made up for the package's own paths.
+    Synthetic,
+}
+
 /// One entry of a package, fully decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedEntry {
-    /// Path.
+    /// Path in the package.
     pub path: RelPath,
+    /// Where the content is read from, and the path there (differs from
+    /// `path` for the private copy of an edit to a file the package does
+    /// not own).
+    pub source: Source,
+    /// Path under the source root.
+    pub src: RelPath,
     /// Type.
     pub kind: FileKind,
     /// Permission bits.
@@ -397,6 +441,34 @@ pub struct PlannedEntry {
     pub hardlink_to: Option<RelPath>,
     /// Content hash recorded when the layer was read.
     pub sha256: Option<[u8; 32]>,
+    /// Extended attributes the package carries (`security.capability`,
+    /// `user.*`, `trusted.*`), sorted by name.
+    pub xattrs: Xattrs,
+}
+
+/// One entry to package: its name in the package, what it is, and where
+/// its content is.
+#[derive(Clone, Debug)]
+pub struct Item {
+    /// Path in the package.
+    pub name: RelPath,
+    /// Metadata as captured (owners before the owner policy).
+    pub meta: Meta,
+    /// Where the content is.
+    pub source: Source,
+    /// Path under the source root.
+    pub src: RelPath,
+}
+
+/// An edit to a path the package does not own, carried by maintainer
+/// scripts (see [`scripts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Edit {
+    /// The edited path.
+    pub path: RelPath,
+    /// The install deleted it (else it holds new content, shipped at
+    /// [`private_path`]).
+    pub deleted: bool,
 }
 
 /// The entries of a package, and what could not be included.
@@ -404,46 +476,120 @@ pub struct PlannedEntry {
 pub struct Plan {
     /// Entries in path order.
     pub entries: Vec<PlannedEntry>,
-    /// Deleted base paths, children first.
+    /// Deleted base paths removed by the generated `postinst` with no way
+    /// back (policy `ship`), children first.
     pub deletions: Vec<RelPath>,
+    /// Edits to paths the package does not own, saved and restored by the
+    /// generated scripts.
+    pub edits: Vec<Edit>,
+    /// `security.capability` values the generated `postinst` sets, for
+    /// clients that restore no xattrs.
+    pub capabilities: Vec<(RelPath, Vec<u8>)>,
     /// Things the package cannot hold, for the user.
     pub warnings: Vec<String>,
+    /// Where [`Source::Layer`] entries are read.
+    pub layer_root: PathBuf,
+    /// Where [`Source::Base`] entries are read.
+    pub base_root: PathBuf,
+}
+
+/// Where the new content of an edit to a file the package `package` does
+/// not own travels inside it.
+pub fn private_path(package: &str, path: &RelPath) -> RelPath {
+    RelPath::from_normalized(
+        [
+            b"var/lib/layerpack/".as_slice(),
+            package.as_bytes(),
+            b"/new/",
+            path.as_bytes(),
+        ]
+        .concat(),
+    )
+}
+
+/// True for the xattrs a package carries: file capabilities and the
+/// `user` and `trusted` namespaces (union-filesystem internals never reach
+/// a change set). SELinux labels, ACLs and other `system`/`security`
+/// attributes belong to the build host's policy, not to the package.
+pub fn is_packable_xattr(name: &[u8]) -> bool {
+    name == b"security.capability" || name.starts_with(b"user.") || name.starts_with(b"trusted.")
 }
 
 impl Plan {
-    /// Decide the entries for `changes`, whose content lives under `root`.
+    /// The plan of a package that holds exactly the present entries of
+    /// `changes`, whose content lives under `root`; deletions are removed
+    /// by the generated `postinst`.
     pub fn new(changes: &ChangeSet, root: &Path, opts: &PackOptions) -> Result<Plan> {
-        let mut plan = Plan::default();
+        let items = changes
+            .present()
+            .map(|c| Item {
+                name: c.path.clone(),
+                meta: c.meta.clone(),
+                source: Source::Layer,
+                src: c.path.clone(),
+            })
+            .collect();
+        let mut plan = Plan::build(items, root, root, opts)?;
+        plan.deletions = changes.deletions().map(|c| c.path.clone()).collect();
+        Ok(plan)
+    }
+
+    /// Decide the entries for `items`: the owner policy, carried xattrs,
+    /// missing parent directories, the permission table, mtime clamping.
+    pub fn build(
+        mut items: Vec<Item>,
+        layer_root: &Path,
+        base_root: &Path,
+        opts: &PackOptions,
+    ) -> Result<Plan> {
+        // Path order, so the first link of a hard-link group comes first.
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut plan = Plan {
+            layer_root: layer_root.to_path_buf(),
+            base_root: base_root.to_path_buf(),
+            ..Plan::default()
+        };
         let mut map: BTreeMap<RelPath, PlannedEntry> = BTreeMap::new();
-        let mut first_of_group: BTreeMap<u32, RelPath> = BTreeMap::new();
-        for c in changes.present() {
-            let m = &c.meta;
+        let mut first_of_group: BTreeMap<(Source, u32), RelPath> = BTreeMap::new();
+        let mut owners = OwnerReport::default();
+        for it in items {
+            let m = &it.meta;
             if m.kind == FileKind::Socket {
                 plan.warnings
-                    .push(format!("{}: sockets cannot be packaged; skipped", c.path));
+                    .push(format!("{}: sockets cannot be packaged; skipped", it.name));
                 continue;
             }
             let hardlink_to = match m.link_group {
-                Some(g) => match first_of_group.get(&g) {
+                Some(g) => match first_of_group.get(&(it.source, g)) {
                     Some(first) => Some(first.clone()),
                     None => {
-                        first_of_group.insert(g, c.path.clone());
+                        first_of_group.insert((it.source, g), it.name.clone());
                         None
                     }
                 },
                 None => None,
             };
-            let (uid, gid) = if opts.keep_owners {
-                (m.uid, m.gid)
-            } else {
-                (0, 0)
-            };
+            let (uid, gid, mode) = owners.decide(opts.owners, &it.name, m);
+            let mut xattrs = Xattrs::new();
+            for (k, v) in &m.xattrs {
+                if is_packable_xattr(k) {
+                    xattrs.insert(k.clone(), v.clone());
+                } else {
+                    plan.warnings.push(format!(
+                        "{}: xattr {} is not carried (only security.capability, user.* and trusted.* are)",
+                        it.name,
+                        escape_bytes(k)
+                    ));
+                }
+            }
             map.insert(
-                c.path.clone(),
+                it.name.clone(),
                 PlannedEntry {
-                    path: c.path.clone(),
+                    path: it.name.clone(),
+                    source: it.source,
+                    src: it.src.clone(),
                     kind: m.kind,
-                    mode: m.mode,
+                    mode,
                     uid,
                     gid,
                     size: if m.kind == FileKind::File { m.size } else { 0 },
@@ -452,11 +598,15 @@ impl Plan {
                     rdev: m.rdev.unwrap_or((0, 0)),
                     hardlink_to,
                     sha256: m.sha256,
+                    xattrs,
                 },
             );
         }
-        // Parents that exist in the root but did not change: include them
-        // so the package installs into an empty root too.
+        plan.warnings.extend(owners.notes(opts.owners));
+        // Parents that did not change: include them so the package
+        // installs into an empty root too. They are read from the base
+        // (where unchanged directories are), else from the layer; the
+        // private directories of edits exist in neither.
         let paths: Vec<RelPath> = map.keys().cloned().collect();
         for p in paths {
             let mut cur = p.parent();
@@ -464,23 +614,42 @@ impl Plan {
                 if dir.is_root() || map.contains_key(&dir) {
                     break;
                 }
-                let md = fs::symlink_metadata(&*crate::tree::reach(root, &dir)?)
-                    .map_err(|e| Error::io(dir.under(root), "cannot read a parent directory", e))?;
+                let found = [base_root, layer_root].into_iter().find_map(|r| {
+                    let abs = crate::tree::reach(r, &dir).ok()?;
+                    fs::symlink_metadata(&*abs).ok().filter(|m| m.is_dir())
+                });
                 use std::os::unix::fs::MetadataExt;
+                let (mode, uid, gid, mtime, source) = match &found {
+                    Some(md) => {
+                        let (uid, gid) = match opts.owners {
+                            Owners::Keep => (md.uid(), md.gid()),
+                            Owners::Root => (0, 0),
+                            Owners::MapUser { uid, gid } => (
+                                if md.uid() == uid { 0 } else { md.uid() },
+                                if md.gid() == gid { 0 } else { md.gid() },
+                            ),
+                        };
+                        (md.mode() & 0o7777, uid, gid, md.mtime(), Source::Base)
+                    }
+                    None => (0o755, 0, 0, 0, Source::Synthetic),
+                };
                 map.insert(
                     dir.clone(),
                     PlannedEntry {
                         path: dir.clone(),
+                        source,
+                        src: dir.clone(),
                         kind: FileKind::Dir,
-                        mode: md.mode() & 0o7777,
-                        uid: if opts.keep_owners { md.uid() } else { 0 },
-                        gid: if opts.keep_owners { md.gid() } else { 0 },
+                        mode,
+                        uid,
+                        gid,
                         size: 0,
-                        mtime: md.mtime(),
+                        mtime,
                         link_target: None,
                         rdev: (0, 0),
                         hardlink_to: None,
                         sha256: None,
+                        xattrs: Xattrs::new(),
                     },
                 );
                 cur = dir.parent();
@@ -493,17 +662,119 @@ impl Plan {
             }
         }
         plan.entries = map.into_values().collect();
-        plan.deletions = changes.deletions().map(|c| c.path.clone()).collect();
+        plan.capabilities = plan
+            .entries
+            .iter()
+            .filter(|e| e.hardlink_to.is_none())
+            .filter_map(|e| {
+                e.xattrs
+                    .get(&b"security.capability"[..])
+                    .map(|v| (e.path.clone(), v.clone()))
+            })
+            .collect();
         Ok(plan)
     }
 
-    /// Installed-Size as opkg-build counts it: bytes of regular files.
-    pub fn installed_size(&self) -> u64 {
+    /// Bytes of regular files (what opkg-build counts).
+    pub fn content_bytes(&self) -> u64 {
         self.entries
             .iter()
-            .filter(|e| e.kind == FileKind::File)
+            .filter(|e| e.kind == FileKind::File && e.hardlink_to.is_none())
             .map(|e| e.size)
             .sum()
+    }
+
+    /// `Installed-Size` for `format`: bytes for opkg's formats (as
+    /// opkg-build counts), KiB rounded up for deb (as Debian Policy
+    /// defines it).
+    pub fn installed_size(&self, format: Format) -> u64 {
+        let bytes = self.content_bytes();
+        if format == Format::Deb {
+            bytes.div_ceil(1024)
+        } else {
+            bytes
+        }
+    }
+
+    fn root_of(&self, e: &PlannedEntry) -> &Path {
+        match e.source {
+            Source::Base => &self.base_root,
+            _ => &self.layer_root,
+        }
+    }
+}
+
+/// What the owner policy changed, for one message per kind of change.
+#[derive(Default)]
+struct OwnerReport {
+    mapped: usize,
+    reset: usize,
+    first: Option<RelPath>,
+    stripped: Vec<String>,
+}
+
+impl OwnerReport {
+    /// Owner, group and mode of `m` under `policy`. A setuid (setgid) bit
+    /// is dropped when the owner (group) written is not the one the
+    /// capture saw: a package never makes a file setuid to somebody else.
+    fn decide(&mut self, policy: Owners, path: &RelPath, m: &Meta) -> (u32, u32, u32) {
+        let (uid, gid) = match policy {
+            Owners::Keep => (m.uid, m.gid),
+            Owners::Root => (0, 0),
+            Owners::MapUser { uid, gid } => (
+                if m.uid == uid { 0 } else { m.uid },
+                if m.gid == gid { 0 } else { m.gid },
+            ),
+        };
+        let mut mode = m.mode;
+        if (uid, gid) != (m.uid, m.gid) {
+            match policy {
+                Owners::Root => self.reset += 1,
+                _ => self.mapped += 1,
+            }
+            self.first.get_or_insert_with(|| path.clone());
+            if m.kind != FileKind::Dir {
+                let mut dropped = Vec::new();
+                if uid != m.uid && mode & 0o4000 != 0 {
+                    mode &= !0o4000;
+                    dropped.push("setuid");
+                }
+                if gid != m.gid && mode & 0o2000 != 0 {
+                    mode &= !0o2000;
+                    dropped.push("setgid");
+                }
+                if !dropped.is_empty() {
+                    self.stripped.push(format!(
+                        "{path}: {} bit dropped: the capture saw {}:{}, the package would say {uid}:{gid}; use --owners=keep or a device table line to ship it",
+                        dropped.join(" and "),
+                        m.uid,
+                        m.gid
+                    ));
+                }
+            }
+        }
+        (uid, gid, mode)
+    }
+
+    fn notes(self, policy: Owners) -> Vec<String> {
+        let mut out = Vec::new();
+        let first = self.first.map(|p| p.to_string()).unwrap_or_default();
+        if self.mapped > 0 {
+            if let Owners::MapUser { uid, gid } = policy {
+                out.push(format!(
+                    "owners: {} entries (first {first}) owned by the build user {uid}:{gid} are written as root (0:0): the install ran unprivileged (policy auto; --owners=keep keeps them)",
+                    self.mapped
+                ));
+            }
+        }
+        if self.reset > 0 {
+            out.push(format!(
+                "owners: {} entries (first {first}) not owned by 0:0 are written as 0:0 (--owners=root)",
+                self.reset
+            ));
+        }
+        out.extend(self.stripped);
+        out
     }
 }
 
@@ -521,32 +792,68 @@ fn io_err(path: &Path, what: &str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::io(&path, what.clone(), e)
 }
 
-/// Write the data tarball of `plan` (content read from `root`).
-/// `prefix` is `./` for ipk and tar, empty for OCI.
+/// Files with at least this much hole are written as sparse members.
+const SPARSE_MIN: u64 = 64 * 1024;
+
+/// Write the data tarball of `plan`. `prefix` is `./` for ipk and tar,
+/// empty for OCI; `extended` says whether entries carry their xattrs as PAX
+/// records and sparse files as GNU sparse members (dpkg's unpacker refuses
+/// both, so deb uses neither).
 fn write_data_tar<W: Write>(
     out: W,
     plan: &Plan,
-    root: &Path,
     prefix: &[u8],
     oci_whiteouts: bool,
+    extended: bool,
 ) -> Result<W> {
+    let root = plan.layer_root.as_path();
     let mut w = TarWriter::new(out);
     let progress = crate::progress::step(
         format!("packing {} entries", plan.entries.len()),
         crate::progress::Unit::Bytes,
     );
     let mut names: Vec<(RelPath, Vec<u8>)> = Vec::new();
-    let present: std::collections::BTreeSet<&RelPath> =
-        plan.entries.iter().map(|e| &e.path).collect();
     let mut entries: Vec<(RelPath, Option<&PlannedEntry>)> = plan
         .entries
         .iter()
         .map(|e| (e.path.clone(), Some(e)))
         .collect();
     if oci_whiteouts {
-        for d in &plan.deletions {
+        // A layer, not a package: an edit of a file the package does not
+        // own is the new entry at its own path (or a whiteout), and the
+        // private directories of the scripts' copies are not needed.
+        let private = b"var/lib/layerpack/".as_slice();
+        entries = plan
+            .entries
+            .iter()
+            .filter(|e| {
+                !(e.source == Source::Synthetic
+                    && e.kind == FileKind::Dir
+                    && (e.path.as_bytes().starts_with(private)
+                        || private.starts_with(e.path.as_bytes())))
+            })
+            .map(|e| {
+                let name = if e.src != e.path {
+                    e.src.clone()
+                } else {
+                    e.path.clone()
+                };
+                (name, Some(e))
+            })
+            .collect();
+        let present: std::collections::BTreeSet<RelPath> =
+            entries.iter().map(|(p, _)| p.clone()).collect();
+        let mut deleted: Vec<RelPath> = plan.deletions.clone();
+        deleted.extend(
+            plan.edits
+                .iter()
+                .filter(|e| e.deleted)
+                .map(|e| e.path.clone()),
+        );
+        let deleted_set: std::collections::BTreeSet<&RelPath> = deleted.iter().collect();
+        for d in &deleted {
             let parent = d.parent().unwrap_or_default();
-            let parent_deleted = plan.deletions.contains(&parent);
+            let parent_deleted = deleted_set.contains(&parent);
             let parent_replaced = present.contains(&parent)
                 && plan
                     .entries
@@ -583,7 +890,7 @@ fn write_data_tar<W: Write>(
                 format!("{path}: an OCI layer cannot hold a file named .wh.*; it would be read as a whiteout"),
             ));
         }
-        let abs = crate::tree::reach(root, &path)?;
+        let abs = crate::tree::reach(plan.root_of(e), &e.src)?;
         let mut link = Vec::new();
         let kind = if let Some(first) = &e.hardlink_to {
             link = prefix.to_vec();
@@ -617,12 +924,55 @@ fn write_data_tar<W: Write>(
             link: &link,
             dev: e.rdev,
         };
-        w.header(&h).map_err(io_err(&abs, "cannot write package"))?;
-        if kind == TarKind::File {
+        if extended && !e.xattrs.is_empty() {
+            let records: Vec<(Vec<u8>, Vec<u8>)> = e
+                .xattrs
+                .iter()
+                .map(|(k, v)| ([b"SCHILY.xattr.".as_slice(), k].concat(), v.clone()))
+                .collect();
+            w.pax(&records)
+                .map_err(io_err(&abs, "cannot write package"))?;
+        }
+        let file = if kind == TarKind::File {
             let f = fs::OpenOptions::new()
                 .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&abs)
                 .map_err(io_err(&abs, "cannot open for packaging"))?;
+            let segments = if extended && e.size >= SPARSE_MIN {
+                crate::tree::data_segments(&f, e.size)
+                    .map_err(io_err(&abs, "cannot read for packaging"))?
+            } else {
+                vec![(0, e.size)]
+            };
+            let stored: u64 = segments.iter().map(|s| s.1).sum();
+            if e.size - stored.min(e.size) >= SPARSE_MIN {
+                // Holes travel as holes: read and stored once, data only.
+                let before = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
+                let mut f = f;
+                w.sparse_file(&h, &segments, &mut f)
+                    .map_err(io_err(&abs, "cannot package"))?;
+                let after = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
+                use std::os::unix::fs::MetadataExt;
+                if after.len() != e.size
+                    || (after.mtime(), after.mtime_nsec()) != (before.mtime(), before.mtime_nsec())
+                {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("{path} changed after the layer was read; run final again"),
+                    )
+                    .with_path(&abs));
+                }
+                progress.add(stored);
+                names.push((path, name));
+                continue;
+            }
+            Some(f)
+        } else {
+            None
+        };
+        w.header(&h).map_err(io_err(&abs, "cannot write package"))?;
+        if let Some(f) = file {
             let mut hashing = HashingReader {
                 inner: f,
                 hash: Sha256::new(),
@@ -657,37 +1007,14 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Single-quote bytes for a POSIX shell.
-fn shell_quote(b: &[u8]) -> Vec<u8> {
-    let mut out = vec![b'\''];
-    for &c in b {
-        if c == b'\'' {
-            out.extend_from_slice(b"'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push(b'\'');
-    out
-}
-
-/// The generated `postinst` that removes what the install deleted.
-pub fn deletion_script(package: &str, deletions: &[RelPath]) -> Vec<u8> {
-    let mut s = format!(
-        "#!/bin/sh\n# Generated by layerpack: the install of {package} removed these paths\n# from the root it was captured in.\nroot=\"${{PKG_ROOT:-${{IPKG_INSTROOT:-}}}}\"\nroot=\"${{root%/}}\"\n"
-    )
-    .into_bytes();
-    for d in deletions {
-        s.extend_from_slice(b"p=\"$root\"/");
-        s.extend_from_slice(&shell_quote(d.as_bytes()));
-        s.extend_from_slice(b"\nif [ -d \"$p\" ] && [ ! -L \"$p\" ]; then rmdir \"$p\" 2>/dev/null || true; else rm -f \"$p\"; fi\n");
-    }
-    s.extend_from_slice(b"exit 0\n");
-    s
-}
-
-fn control_tar(meta: &PackageMeta, plan: &Plan, level: Option<u32>, mtime: i64) -> Result<Vec<u8>> {
-    let text = meta.control(plan.installed_size());
+fn control_tar(
+    meta: &PackageMeta,
+    plan: &Plan,
+    format: Format,
+    level: Option<u32>,
+    mtime: i64,
+) -> Result<Vec<u8>> {
+    let text = meta.control(plan.installed_size(format));
     feed::parse_control(&text).map_err(|why| {
         Error::new(
             ErrorKind::InvalidInput,
@@ -710,11 +1037,15 @@ fn control_tar(meta: &PackageMeta, plan: &Plan, level: Option<u32>, mtime: i64) 
             list.push(0);
         }
         files.push(("./layerpack.deletions", list, 0o644));
-        files.push((
-            "./postinst",
-            deletion_script(&meta.package, &plan.deletions),
-            0o755,
-        ));
+    }
+    if !plan.edits.is_empty() {
+        files.push(("./layerpack.edits", scripts::edits_member(plan), 0o644));
+    }
+    if let Some(script) = scripts::postinst(&meta.package, plan) {
+        files.push(("./postinst", script, 0o755));
+    }
+    if let Some(script) = scripts::postrm(&meta.package, plan) {
+        files.push(("./postrm", script, 0o755));
     }
     files.sort_by(|a, b| a.0.cmp(b.0));
     let mut w = TarWriter::new(gz(level)(Vec::new()));
@@ -749,14 +1080,14 @@ fn threads(opts: &PackOptions) -> usize {
 }
 
 /// Write the gzip'd data tarball of `plan` to `path`.
-fn write_data_tar_gz(path: &Path, plan: &Plan, root: &Path, opts: &PackOptions) -> Result<()> {
+fn write_data_tar_gz(path: &Path, plan: &Plan, opts: &PackOptions, extended: bool) -> Result<()> {
     let f = fs::File::create(path).map_err(io_err(path, "cannot create"))?;
     let gz = pgz::ParallelGz::new(
         std::io::BufWriter::new(f),
         opts.compression.unwrap_or(6),
         threads(opts),
     );
-    let gz = write_data_tar(gz, plan, root, b"./", false)?;
+    let gz = write_data_tar(gz, plan, b"./", false, extended)?;
     let w = gz.finish().map_err(io_err(path, "cannot write"))?;
     w.into_inner()
         .map_err(|e| Error::io(path, "cannot write", e.into_error()))?
@@ -772,7 +1103,6 @@ pub fn write_package(
     format: Format,
     meta: &PackageMeta,
     plan: &Plan,
-    root: &Path,
     opts: &PackOptions,
     out_dir: &Path,
 ) -> Result<PathBuf> {
@@ -784,21 +1114,21 @@ pub fn write_package(
         let level = opts.compression;
         let ctl_mtime = opts.source_date_epoch.unwrap_or(0);
         match format {
-            Format::Tar => write_data_tar_gz(&tmp, plan, root, opts)?,
+            Format::Tar => write_data_tar_gz(&tmp, plan, opts, true)?,
             Format::Oci => {
                 let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
-                let w = write_data_tar(std::io::BufWriter::new(f), plan, root, b"", true)?;
+                let w = write_data_tar(std::io::BufWriter::new(f), plan, b"", true, true)?;
                 w.into_inner()
                     .map_err(|e| Error::io(&tmp, "cannot write", e.into_error()))?
                     .sync_all()
                     .map_err(io_err(&tmp, "cannot sync"))?;
             }
             Format::Ipk | Format::Deb | Format::IpkOpenwrt => {
-                write_data_tar_gz(&tmp_data, plan, root, opts)?;
+                write_data_tar_gz(&tmp_data, plan, opts, format != Format::Deb)?;
                 let data_len = fs::metadata(&tmp_data)
                     .map_err(io_err(&tmp_data, "cannot stat"))?
                     .len();
-                let control = control_tar(meta, plan, level, ctl_mtime)?;
+                let control = control_tar(meta, plan, format, level, ctl_mtime)?;
                 let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
                 let mut out = std::io::BufWriter::new(f);
                 let data = fs::File::open(&tmp_data).map_err(io_err(&tmp_data, "cannot open"))?;
@@ -922,10 +1252,75 @@ mod tests {
         assert_eq!(Format::Ipk.file_name(&m), "hello-world_1.0-r1_all.ipk");
     }
 
+    fn item(path: &str, uid: u32, gid: u32, mode: u32) -> Item {
+        let mut meta = Meta::new(FileKind::File, mode);
+        (meta.uid, meta.gid) = (uid, gid);
+        Item {
+            name: RelPath::from(path),
+            meta,
+            source: Source::Layer,
+            src: RelPath::from(path),
+        }
+    }
+
     #[test]
-    fn deletion_script_quotes_everything() {
-        let s = deletion_script("p", &[RelPath::from("etc/it's\nodd"), RelPath::from("etc")]);
-        let s = String::from_utf8(s).unwrap();
-        assert!(s.contains("p=\"$root\"/'etc/it'\\''s\nodd'"), "{s}");
+    fn owner_policies_and_setid_bits() {
+        let items = vec![
+            item("usr/bin/plocate", 0, 101, 0o2755),
+            item("usr/bin/mine", 1000, 1000, 0o4755),
+            item("etc/gshadow", 0, 42, 0o640),
+        ];
+        let empty = std::env::temp_dir();
+        let plan = |owners| {
+            let opts = PackOptions {
+                owners,
+                ..PackOptions::default()
+            };
+            let p = Plan::build(items.clone(), &empty, &empty, &opts).unwrap();
+            let got: Vec<(String, u32, u32, u32)> = p
+                .entries
+                .iter()
+                .filter(|e| e.kind == FileKind::File)
+                .map(|e| (e.path.to_string(), e.uid, e.gid, e.mode))
+                .collect();
+            (got, p.warnings)
+        };
+        let (keep, w) = plan(Owners::Keep);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(
+            keep,
+            [
+                ("etc/gshadow".into(), 0, 42, 0o640),
+                ("usr/bin/mine".into(), 1000, 1000, 0o4755),
+                ("usr/bin/plocate".into(), 0, 101, 0o2755),
+            ]
+        );
+        // An unprivileged install by uid 1000: its own files become root's,
+        // and a setuid bit does not follow the owner change.
+        let (mapped, w) = plan(Owners::MapUser {
+            uid: 1000,
+            gid: 1000,
+        });
+        assert_eq!(mapped[1], ("usr/bin/mine".into(), 0, 0, 0o755));
+        assert_eq!(mapped[2], ("usr/bin/plocate".into(), 0, 101, 0o2755));
+        assert!(
+            w.iter()
+                .any(|m| m.contains("1 entries") && m.contains("build user 1000:1000")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|m| m.contains("usr/bin/mine: setuid bit dropped")),
+            "{w:?}"
+        );
+        // Everything root: never a setgid-root binary.
+        let (root, w) = plan(Owners::Root);
+        assert_eq!(root[2], ("usr/bin/plocate".into(), 0, 0, 0o755));
+        assert_eq!(root[0], ("etc/gshadow".into(), 0, 0, 0o640));
+        assert!(
+            w.iter()
+                .any(|m| m.contains("usr/bin/plocate: setgid bit dropped")),
+            "{w:?}"
+        );
     }
 }

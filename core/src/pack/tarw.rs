@@ -96,6 +96,20 @@ impl<W: Write> TarWriter<W> {
         size: u64,
         link: &[u8],
     ) -> io::Result<()> {
+        self.raw_header_with(name, flag, h, size, link, |_| {})
+    }
+
+    /// [`TarWriter::raw_header`], `extra` filling more fields before the
+    /// checksum is computed.
+    fn raw_header_with(
+        &mut self,
+        name: &[u8],
+        flag: u8,
+        h: &TarHeader<'_>,
+        size: u64,
+        link: &[u8],
+        extra: impl FnOnce(&mut [u8; 512]),
+    ) -> io::Result<()> {
         let mut b = [0u8; 512];
         let n = name.len().min(100);
         b[..n].copy_from_slice(&name[..n]);
@@ -116,6 +130,7 @@ impl<W: Write> TarWriter<W> {
             octal_or_base256(&mut b[329..337], h.dev.0 as u64);
             octal_or_base256(&mut b[337..345], h.dev.1 as u64);
         }
+        extra(&mut b);
         b[148..156].fill(b' ');
         let sum: u32 = b.iter().map(|x| *x as u32).sum();
         let s = format!("{sum:06o}\0 ");
@@ -156,6 +171,93 @@ impl<W: Write> TarWriter<W> {
         self.raw_header(h.name, h.kind.flag(), h, size, h.link)
     }
 
+    /// Write a PAX extended header (`x`) holding `records` (keyword, value),
+    /// which applies to the next header. Used for extended attributes
+    /// (`SCHILY.xattr.<name>`, as GNU tar and libarchive write and read
+    /// them); values are raw bytes. Nothing is written for no records.
+    pub fn pax(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        for (k, v) in records {
+            body.extend_from_slice(&pax_record(k, v));
+        }
+        let h = TarHeader {
+            name: b"././@PaxHeader",
+            kind: TarKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: body.len() as u64,
+            mtime: 0,
+            link: b"",
+            dev: (0, 0),
+        };
+        self.raw_header(h.name, b'x', &h, body.len() as u64, b"")?;
+        self.out.write_all(&body)?;
+        self.pad(body.len() as u64)
+    }
+
+    /// Write a sparse regular file as a GNU sparse member (type `S`, the
+    /// old GNU format that GNU tar, libarchive and Python read): `map` is
+    /// the file's data segments (offset, length) in order, `size` its
+    /// logical size; the data of each segment is read from `src` at its
+    /// offset. Holes take no space in the archive and are restored as
+    /// holes. dpkg's unpacker refuses this type, so deb never uses it.
+    pub fn sparse_file<R: io::Read + io::Seek>(
+        &mut self,
+        h: &TarHeader<'_>,
+        map: &[(u64, u64)],
+        src: &mut R,
+    ) -> io::Result<u64> {
+        if h.name.len() > 100 {
+            self.long_record(b'L', h, h.name)?;
+        }
+        let mut entries: Vec<(u64, u64)> = map.to_vec();
+        // As GNU tar does: a file that ends in a hole (or is all hole)
+        // ends its map with an empty segment at its end.
+        if entries.last().is_none_or(|(o, l)| o + l < h.size) {
+            entries.push((h.size, 0));
+        }
+        let stored: u64 = map.iter().map(|(_, l)| l).sum();
+        let (first, rest) = entries.split_at(entries.len().min(4));
+        let chunks: Vec<&[(u64, u64)]> = rest.chunks(21).collect();
+        self.raw_header_with(h.name, b'S', h, stored, b"", |b| {
+            for (i, (o, l)) in first.iter().enumerate() {
+                let at = 386 + 24 * i;
+                octal_or_base256(&mut b[at..at + 12], *o);
+                octal_or_base256(&mut b[at + 12..at + 24], *l);
+            }
+            b[482] = u8::from(!chunks.is_empty());
+            octal_or_base256(&mut b[483..495], h.size);
+        })?;
+        for (n, chunk) in chunks.iter().enumerate() {
+            let mut b = [0u8; 512];
+            for (i, (o, l)) in chunk.iter().enumerate() {
+                octal_or_base256(&mut b[24 * i..24 * i + 12], *o);
+                octal_or_base256(&mut b[24 * i + 12..24 * i + 24], *l);
+            }
+            b[504] = u8::from(n + 1 < chunks.len());
+            self.out.write_all(&b)?;
+        }
+        for (o, l) in map {
+            src.seek(io::SeekFrom::Start(*o))?;
+            let copied = io::copy(
+                &mut <&mut R as io::Read>::take(&mut *src, *l),
+                &mut self.out,
+            )?;
+            if copied != *l {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("file shrank while being packaged ({copied} of {l} bytes at {o})"),
+                ));
+            }
+        }
+        self.pad(stored)?;
+        Ok(stored)
+    }
+
     /// Copy a file's bytes (exactly `size` of them) and the block padding.
     pub fn data(&mut self, src: impl io::Read, size: u64) -> io::Result<u64> {
         let copied = io::copy(&mut src.take(size), &mut self.out)?;
@@ -174,6 +276,22 @@ impl<W: Write> TarWriter<W> {
         self.out.write_all(&[0u8; 1024])?;
         Ok(self.out)
     }
+}
+
+/// One PAX record: `"<len> <keyword>=<value>\n"`, where `<len>` counts
+/// the whole record including its own digits.
+pub fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let rest = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = rest + 1;
+    while len != rest + len.to_string().len() {
+        len = rest + len.to_string().len();
+    }
+    let mut out = format!("{len} ").into_bytes();
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
 }
 
 /// A GNU ar archive (`!<arch>`) with deterministic member headers: mtime,

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -167,24 +167,87 @@ fn is_no_xattr_support(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENODATA))
 }
 
-/// SHA-256 of a regular file's bytes. Refuses to follow a symlink.
+/// The data segments (offset, length) of an open regular file of `size`
+/// bytes, found with `SEEK_DATA`/`SEEK_HOLE`; a filesystem without them
+/// reports the whole file as data. The file offset is back at 0 after.
+pub fn data_segments(f: &fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let found = scan_segments(f, size);
+    rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0))?;
+    found
+}
+
+fn scan_segments(f: &fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::SeekFrom;
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match rustix::fs::seek(f, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL) if pos == 0 => return Ok(vec![(0, size)]),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = match rustix::fs::seek(f, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(e) => return Err(e.into()),
+        };
+        if hole > data {
+            out.push((data, hole - data));
+        }
+        pos = hole;
+    }
+    Ok(out)
+}
+
+pub(crate) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// SHA-256 of a regular file's bytes, reading only its data: holes are
+/// hashed as the zeros they read as. Refuses to follow a symlink.
 pub fn hash_file(abs: &Path) -> Result<[u8; 32]> {
     let mut f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
         .open(abs)
         .map_err(|e| Error::io(abs, "cannot open for hashing", e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| Error::io(abs, "cannot stat", e))?
+        .len();
+    let segments = data_segments(&f, size).map_err(|e| Error::io(abs, "cannot read", e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 128 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::io(abs, "cannot read", e))?;
-        if n == 0 {
-            break;
+    let mut pos = 0u64;
+    let zeros = |h: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            h.update(&ZEROS[..k]);
+            n -= k as u64;
         }
-        h.update(&buf[..n]);
+    };
+    for (off, len) in segments {
+        zeros(&mut h, off - pos);
+        f.seek(std::io::SeekFrom::Start(off))
+            .map_err(|e| Error::io(abs, "cannot read", e))?;
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = f
+                .read(&mut buf[..want])
+                .map_err(|e| Error::io(abs, "cannot read", e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = off + len - left;
     }
+    // What the file holds past the last segment (a hole, or bytes that
+    // appeared since) reads as zeros up to the size seen.
+    zeros(&mut h, size.saturating_sub(pos));
     Ok(h.finalize().into())
 }
 

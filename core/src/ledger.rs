@@ -1,0 +1,369 @@
+//! The ownership ledger of a root: which captured package owns which path
+//! at which content, and which edits each package made to paths it does
+//! not own.
+//!
+//! It lives in the output directory, `<out>/layerpack-ledger.json`, beside
+//! the packages and the `packages-file-list.txt` it generates: the feed,
+//! its file list and its ledger describe the same set of packages, and go
+//! together (a Buildroot `make clean` removes them with the root). The
+//! roots captured into it are recorded, and may be several: with
+//! Buildroot's per-package directories every package installs into its
+//! own copy of the target, assembled from its dependencies' trees, and
+//! ownership is a property of the feed they all end up in. It is read and written
+//! under a lock (`.layerpack-ledger.lock`, removed when released), so
+//! finals of different roots that share nothing else still serialise on
+//! it, and it is replaced atomically: a `final` killed at any point leaves
+//! the previous ledger or the new one.
+//!
+//! A path no package owns belongs to the base (what the root held before
+//! layerpack first captured into it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{escape_bytes, RelPath};
+use crate::session::{lock_file, write_atomic, write_atomic_with, LockGuard};
+use crate::{Error, ErrorKind, Result};
+
+/// Version of the ledger's format.
+pub const LEDGER_FORMAT: u32 = 1;
+/// The ledger's file name in the output directory.
+pub const LEDGER_FILE: &str = "layerpack-ledger.json";
+/// Buildroot's per-package file list, derived from the ledger.
+pub const FILE_LIST: &str = "packages-file-list.txt";
+const LOCK_FILE: &str = ".layerpack-ledger.lock";
+
+/// One path a package owns.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OwnedPath {
+    /// The path, relative to the root.
+    #[serde(with = "crate::jsonbytes::bytes")]
+    pub path: Vec<u8>,
+    /// Its type (`file`, `dir`, `symlink`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// SHA-256 of a regular file's content when the package last shipped
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// An edit a package made to a path it does not own.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EditRecord {
+    /// The path.
+    #[serde(with = "crate::jsonbytes::bytes")]
+    pub path: Vec<u8>,
+    /// The install deleted it (else it changed it).
+    pub deleted: bool,
+    /// The package that owns it; none for the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// What one package owns and edits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackageRecord {
+    /// The package's name as the build system gave it (the session name).
+    pub name: String,
+    /// Its `Package:` field, when a package was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
+    /// Its version, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// What it owns, sorted by path.
+    pub files: Vec<OwnedPath>,
+    /// Its edits to paths it does not own, sorted by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<EditRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerFile {
+    format: u32,
+    /// The roots captured into this feed, in first-use order.
+    roots: Vec<serde_json::Value>,
+    packages: Vec<PackageRecord>,
+}
+
+/// An open, locked ledger.
+pub struct Ledger {
+    path: PathBuf,
+    out: PathBuf,
+    roots: Vec<PathBuf>,
+    /// Packages in the order they were first captured.
+    pub packages: Vec<PackageRecord>,
+    /// Said when the ledger was made from an older `packages-file-list.txt`.
+    pub imported: bool,
+    _lock: LockGuard,
+}
+
+impl Ledger {
+    /// Lock and read the ledger in `out` for `root` (canonical). A missing
+    /// ledger starts empty, or from `packages-file-list.txt` when one is
+    /// there (written before the ledger existed).
+    pub fn open(out: &Path, root: &Path) -> Result<Ledger> {
+        let lock =
+            lock_file(&out.join(LOCK_FILE), true, "the ownership ledger")?.remove_on_release();
+        let path = out.join(LEDGER_FILE);
+        let mut l = Ledger {
+            path: path.clone(),
+            out: out.to_path_buf(),
+            roots: Vec::new(),
+            packages: Vec::new(),
+            imported: false,
+            _lock: lock,
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let f: LedgerFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("not a layerpack ledger: {e}"),
+                    )
+                    .with_path(&path)
+                })?;
+                if f.format != LEDGER_FORMAT {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "ledger format {} is not the {LEDGER_FORMAT} this layerpack reads",
+                            f.format
+                        ),
+                    )
+                    .with_path(&path));
+                }
+                for r in &f.roots {
+                    let bytes = crate::jsonbytes::from_json(r).ok_or_else(|| {
+                        Error::new(ErrorKind::InvalidInput, "a root that is not a path")
+                            .with_path(&path)
+                    })?;
+                    use std::os::unix::ffi::OsStringExt;
+                    l.roots
+                        .push(PathBuf::from(std::ffi::OsString::from_vec(bytes)));
+                }
+                let mut seen = BTreeSet::new();
+                for p in &f.packages {
+                    if !seen.insert(p.name.clone()) {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            format!("package '{}' is listed twice", p.name),
+                        )
+                        .with_path(&path));
+                    }
+                    crate::session::validate_package_name(&p.name)
+                        .map_err(|e| e.with_path(&path))?;
+                    for o in &p.files {
+                        RelPath::parse_for(&o.path, "ledger path")
+                            .map_err(|e| e.with_path(&path))?;
+                    }
+                    for o in &p.edits {
+                        RelPath::parse_for(&o.path, "ledger path")
+                            .map_err(|e| e.with_path(&path))?;
+                    }
+                }
+                l.packages = f.packages;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => l.import_file_list()?,
+            Err(e) => return Err(Error::io(&path, "cannot read the ledger", e)),
+        }
+        if !l.roots.iter().any(|r| r == root) {
+            l.roots.push(root.to_path_buf());
+        }
+        Ok(l)
+    }
+
+    /// Start from an existing `packages-file-list.txt`: each `pkg,./path`
+    /// line says `pkg` owns `path` (content unknown).
+    fn import_file_list(&mut self) -> Result<()> {
+        let list = self.out.join(FILE_LIST);
+        let bytes = match std::fs::read(&list) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&list, "cannot read", e)),
+        };
+        let mut by_pkg: Vec<(String, BTreeMap<Vec<u8>, OwnedPath>)> = Vec::new();
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Some(comma) = line.iter().position(|b| *b == b',') else {
+                continue;
+            };
+            let (Ok(pkg), Ok(path)) = (
+                std::str::from_utf8(&line[..comma]),
+                RelPath::parse(&line[comma + 1..]),
+            ) else {
+                continue;
+            };
+            if crate::session::validate_package_name(pkg).is_err() {
+                continue;
+            }
+            let i = match by_pkg.iter().position(|(n, _)| n == pkg) {
+                Some(i) => i,
+                None => {
+                    by_pkg.push((pkg.to_string(), BTreeMap::new()));
+                    by_pkg.len() - 1
+                }
+            };
+            by_pkg[i].1.insert(
+                path.as_bytes().to_vec(),
+                OwnedPath {
+                    path: path.as_bytes().to_vec(),
+                    kind: "file".into(),
+                    sha256: None,
+                },
+            );
+        }
+        self.imported = !by_pkg.is_empty();
+        self.packages = by_pkg
+            .into_iter()
+            .map(|(name, files)| PackageRecord {
+                name,
+                files: files.into_values().collect(),
+                ..PackageRecord::default()
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// The record of `name`.
+    pub fn get(&self, name: &str) -> Option<&PackageRecord> {
+        self.packages.iter().find(|p| p.name == name)
+    }
+
+    /// Who owns each path, other than `except`: path → package name.
+    pub fn owners_except(&self, except: &str) -> BTreeMap<&[u8], &str> {
+        let mut m = BTreeMap::new();
+        for p in self.packages.iter().filter(|p| p.name != except) {
+            for f in &p.files {
+                m.insert(f.path.as_slice(), p.name.as_str());
+            }
+        }
+        m
+    }
+
+    /// The `Package:` name another captured package was written as.
+    pub fn package_field(&self, name: &str) -> String {
+        self.get(name)
+            .and_then(|p| p.package.clone())
+            .or_else(|| crate::pack::map_package_name(name).ok().map(|m| m.0))
+            .unwrap_or_else(|| name.to_string())
+    }
+
+    /// Replace (or add) the record of `rec.name`.
+    pub fn set(&mut self, mut rec: PackageRecord) {
+        rec.files.sort_by(|a, b| a.path.cmp(&b.path));
+        rec.edits.sort_by(|a, b| a.path.cmp(&b.path));
+        match self.packages.iter_mut().find(|p| p.name == rec.name) {
+            Some(p) => *p = rec,
+            None => self.packages.push(rec),
+        }
+    }
+
+    /// `paths` no longer belong to `name` (another package took them).
+    pub fn disown(&mut self, name: &str, paths: &BTreeSet<Vec<u8>>) {
+        if let Some(p) = self.packages.iter_mut().find(|p| p.name == name) {
+            p.files.retain(|f| !paths.contains(&f.path));
+        }
+    }
+
+    /// Write the ledger, then the file list derived from it. Returns the
+    /// paths that cannot be written in the line-based list (a newline in
+    /// the name), per package.
+    pub fn save(&self) -> Result<Vec<(String, String)>> {
+        let doc = LedgerFile {
+            format: LEDGER_FORMAT,
+            roots: self
+                .roots
+                .iter()
+                .map(|r| crate::jsonbytes::to_json(r.as_os_str().as_encoded_bytes()))
+                .collect(),
+            packages: self.packages.clone(),
+        };
+        write_atomic_with(&self.path, |w| {
+            serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::from)?;
+            w.write_all(b"\n")
+        })?;
+        let mut text = Vec::new();
+        let mut unlisted = Vec::new();
+        for p in &self.packages {
+            for f in p.files.iter().filter(|f| f.kind != "dir") {
+                if f.path.contains(&b'\n') {
+                    unlisted.push((p.name.clone(), escape_bytes(&f.path)));
+                    continue;
+                }
+                text.extend_from_slice(p.name.as_bytes());
+                text.extend_from_slice(b",./");
+                text.extend_from_slice(&f.path);
+                text.push(b'\n');
+            }
+        }
+        write_atomic(&self.out.join(FILE_LIST), &text)?;
+        Ok(unlisted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("layerpack-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_import_and_root_check() {
+        let d = scratch("ledger");
+        let out = d.join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(
+            out.join(FILE_LIST),
+            "a,./usr/bin/a\nb,./etc/b\na,./usr/lib/x\n",
+        )
+        .unwrap();
+        let root = d.join("root");
+        let mut l = Ledger::open(&out, &root).unwrap();
+        assert!(l.imported);
+        assert_eq!(l.get("a").unwrap().files.len(), 2);
+        assert_eq!(l.owners_except("a").get(&b"etc/b"[..]), Some(&"b"));
+        let mut rec = l.get("a").unwrap().clone();
+        rec.files.push(OwnedPath {
+            path: b"odd\nname".to_vec(),
+            kind: "file".into(),
+            sha256: None,
+        });
+        l.set(rec);
+        let unlisted = l.save().unwrap();
+        assert_eq!(unlisted.len(), 1);
+        drop(l);
+        let list = std::fs::read_to_string(out.join(FILE_LIST)).unwrap();
+        assert_eq!(list, "a,./usr/bin/a\na,./usr/lib/x\nb,./etc/b\n");
+        let l = Ledger::open(&out, &root).unwrap();
+        assert!(!l.imported);
+        assert_eq!(l.get("a").unwrap().files.len(), 3);
+        drop(l);
+        // Another root (Buildroot's per-package directories) shares it.
+        let l = Ledger::open(&out, &d.join("other")).unwrap();
+        assert_eq!(l.roots, [root.clone(), d.join("other")]);
+        drop(l);
+        assert!(!out.join(LOCK_FILE).exists());
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        let d = scratch("ledger-bad");
+        let root = d.join("root");
+        let doc = serde_json::json!({"format": 1, "roots": [root.to_str().unwrap()],
+            "packages": [{"name": "a", "files": [{"path": "../etc/passwd", "type": "file"}]}]});
+        std::fs::write(d.join(LEDGER_FILE), doc.to_string()).unwrap();
+        let e = Ledger::open(&d, &root).err().unwrap();
+        assert!(e.to_string().contains("../etc/passwd"), "{e}");
+        assert!(e.to_string().contains(LEDGER_FILE), "{e}");
+    }
+}

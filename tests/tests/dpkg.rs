@@ -1,0 +1,346 @@
+//! Packages installed, upgraded and removed by a real package manager:
+//! Debian's `dpkg` in an offline root (`dpkg --root=DIR
+//! --force-script-chrootless`), which reads the ipk layout and applies
+//! the file-ownership, `Replaces` and obsolete-file rules opkg inherited.
+//! The device tree must follow the build tree through a re-capture, an
+//! upgrade, a second package editing the same files, and removals that
+//! restore what the packages edited.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use layerpack_tests::{layerpack_bin, missing, passed, Need, Outcome};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dpkg-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// `layerpack run <pkg> --root root --out out <opts> -- sh -c <script>` in `dir`.
+fn capture(dir: &Path, pkg: &str, opts: &[&str], script: &str) -> String {
+    let mut args = vec!["run", pkg, "--root", "root", "--out", "out"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    ok(&Command::new(layerpack_bin())
+        .args(&args)
+        .current_dir(dir)
+        .env("LAYERPACK_STATE_DIR", dir.join("state"))
+        .env_remove("LAYERPACK_CONFIG")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap())
+}
+
+/// `dpkg --root=<device> --force-script-chrootless <args>`.
+fn dpkg(device: &Path, args: &[&str]) -> Output {
+    Command::new("dpkg")
+        .arg(format!("--root={}", device.display()))
+        .args(["--force-script-chrootless", "--no-triggers"])
+        .args(args)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A root dpkg can install into: its database directories and nothing
+/// else. The build root starts from the same tree.
+fn device_skeleton(at: &Path) {
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        fs::create_dir_all(at.join(d)).unwrap();
+    }
+    fs::write(at.join("var/lib/dpkg/status"), b"").unwrap();
+}
+
+/// Everything a tree holds that an install can change: per path, type,
+/// mode, owner, group, and content or link target. dpkg's own database
+/// and layerpack's bookkeeping (`var/lib/layerpack`, compared
+/// separately) are left out; directory times are not compared (every
+/// package manager touches them).
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(root).unwrap();
+        let name = rel.to_string_lossy().into_owned();
+        if name.starts_with("var/lib/dpkg/") || name.starts_with("var/lib/layerpack") {
+            continue;
+        }
+        let md = e.path().symlink_metadata().unwrap();
+        let what = if md.file_type().is_symlink() {
+            format!("-> {}", fs::read_link(e.path()).unwrap().display())
+        } else if md.is_file() {
+            format!(
+                "{:?}",
+                String::from_utf8_lossy(&fs::read(e.path()).unwrap())
+            )
+        } else {
+            "dir".into()
+        };
+        out.insert(
+            name,
+            format!("{:o} {}:{} {what}", md.mode(), md.uid(), md.gid()),
+        );
+    }
+    out
+}
+
+fn same_tree(what: &str, want: &BTreeMap<String, String>, device: &Path) {
+    let got = tree(device);
+    let mut diff = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(g) if g == v => {}
+            Some(g) => diff.push(format!("{k}: build {v}, device {g}")),
+            None => diff.push(format!("{k}: build {v}, missing on the device")),
+        }
+    }
+    for (k, g) in &got {
+        if !want.contains_key(k) {
+            diff.push(format!("{k}: only on the device ({g})"));
+        }
+    }
+    assert!(diff.is_empty(), "{what}:\n{}", diff.join("\n"));
+}
+
+fn dpkg_deb_list(ipk: &Path) -> String {
+    ok(&Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(ipk)
+        .output()
+        .unwrap())
+}
+
+fn control_field(ipk: &Path, field: &str) -> Option<String> {
+    let o = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(ipk)
+        .arg(field)
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    (!v.is_empty()).then_some(v)
+}
+
+fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Tool("dpkg"), Need::Tool("dpkg-deb")]) {
+        return skip;
+    }
+    let d = scratch("upgrade");
+    let root = d.join("root");
+    let device = d.join("device");
+    for r in [&root, &device] {
+        device_skeleton(r);
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/shells"), "/bin/sh\n").unwrap();
+    }
+    let before = tree(&device);
+
+    capture(
+        &d,
+        "pkga",
+        &["--version", "1.0"],
+        r#"set -e; r="$LAYERPACK_ROOT"; mkdir -p "$r/usr/bin" "$r/usr/share/doc/a"
+           echo a1 > "$r/usr/bin/a"; chmod 755 "$r/usr/bin/a"; echo readme > "$r/usr/share/doc/a/README"
+           echo /bin/zsh >> "$r/etc/shells""#,
+    );
+    ok(&dpkg(
+        &device,
+        &["-i", d.join("out/pkga_1.0_all.ipk").to_str().unwrap()],
+    ));
+    same_tree("after installing pkga 1.0", &tree(&root), &device);
+
+    // make pkga-rebuild: the install rewrites only the binary.
+    let out = capture(
+        &d,
+        "pkga",
+        &["--version", "1.1"],
+        r#"echo a2 > "$LAYERPACK_ROOT/usr/bin/a""#,
+    );
+    assert!(out.contains("kept from its earlier capture"), "{out}");
+    let ipk11 = d.join("out/pkga_1.1_all.ipk");
+    let list = dpkg_deb_list(&ipk11);
+    assert!(
+        list.contains("./usr/share/doc/a/README"),
+        "1.1 ships pkga whole:\n{list}"
+    );
+    let file_list = fs::read_to_string(d.join("out/packages-file-list.txt")).unwrap();
+    assert_eq!(
+        file_list, "pkga,./usr/bin/a\npkga,./usr/share/doc/a/README\n",
+        "the file list names every file pkga owns"
+    );
+    ok(&dpkg(&device, &["-i", ipk11.to_str().unwrap()]));
+    same_tree("after upgrading to pkga 1.1", &tree(&root), &device);
+
+    // A second package edits the base file pkga edited, and one of
+    // pkga's own files.
+    let before_b = tree(&root);
+    let out = capture(
+        &d,
+        "pkgb",
+        &["--version", "1"],
+        r#"set -e; r="$LAYERPACK_ROOT"; echo /bin/bash >> "$r/etc/shells"; echo "more" >> "$r/usr/share/doc/a/README"
+           mkdir -p "$r/usr/bin"; echo b > "$r/usr/bin/b""#,
+    );
+    assert!(
+        out.contains("usr/share/doc/a/README: touched by more than one package (pkga installed it, pkgb changed it)"),
+        "{out}"
+    );
+    let ipkb = d.join("out/pkgb_1_all.ipk");
+    assert_eq!(control_field(&ipkb, "Replaces").as_deref(), Some("pkga"));
+    assert_eq!(control_field(&ipkb, "Depends").as_deref(), Some("pkga"));
+    // No --force-overwrite: nothing pkgb ships is another package's file.
+    ok(&dpkg(&device, &["-i", ipkb.to_str().unwrap()]));
+    same_tree("after installing pkgb", &tree(&root), &device);
+
+    ok(&dpkg(&device, &["-r", "pkgb"]));
+    same_tree("after removing pkgb", &before_b, &device);
+    ok(&dpkg(&device, &["-r", "pkga"]));
+    same_tree("after removing pkga", &before, &device);
+    assert!(
+        !device.join("var/lib/layerpack").exists(),
+        "the packages' bookkeeping is gone with them"
+    );
+    passed()
+}
+
+fn setgid_group_and_file_capabilities_survive_every_installer() -> Outcome {
+    if let Some(skip) = missing(&[
+        Need::Root,
+        Need::Tool("dpkg"),
+        Need::Tool("dpkg-deb"),
+        Need::Tool("tar"),
+        Need::Tool("setcap"),
+        Need::Tool("getcap"),
+    ]) {
+        return skip;
+    }
+    let d = scratch("caps");
+    fs::create_dir_all(d.join("root")).unwrap();
+    capture(
+        &d,
+        "plocate",
+        &["--version", "1", "--format", "ipk,deb"],
+        r#"set -e; r="$LAYERPACK_ROOT"; mkdir -p "$r/usr/bin"; echo bin > "$r/usr/bin/plocate"
+           chgrp 101 "$r/usr/bin/plocate"; chmod 2755 "$r/usr/bin/plocate"
+           setcap cap_net_raw+ep "$r/usr/bin/plocate""#,
+    );
+    let ipk = d.join("out/plocate_1_all.ipk");
+    let check = |what: &str, root: &Path, with_cap: bool| {
+        let f = root.join("usr/bin/plocate");
+        let md = fs::symlink_metadata(&f).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (0, 101, 0o2755),
+            "{what}: owner, group, mode"
+        );
+        let caps = ok(&Command::new("getcap").arg(&f).output().unwrap());
+        assert_eq!(
+            caps.contains("cap_net_raw=ep"),
+            with_cap,
+            "{what}: getcap says {caps:?}"
+        );
+    };
+
+    // GNU tar restores the PAX xattr records.
+    let parts = d.join("parts");
+    fs::create_dir(&parts).unwrap();
+    ok(&Command::new("ar")
+        .current_dir(&parts)
+        .arg("x")
+        .arg(&ipk)
+        .output()
+        .unwrap());
+    let by_tar = d.join("by-tar");
+    fs::create_dir(&by_tar).unwrap();
+    ok(&Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--same-owner", "-xpzf"])
+        .arg(parts.join("data.tar.gz"))
+        .arg("-C")
+        .arg(&by_tar)
+        .output()
+        .unwrap());
+    check("GNU tar --xattrs", &by_tar, true);
+
+    // A client built without xattr support (Buildroot's opkg) restores
+    // none: the ipk's postinst sets the capability, run as opkg runs it
+    // offline (PKG_ROOT with a trailing slash).
+    let no_xattrs = d.join("no-xattrs");
+    fs::create_dir(&no_xattrs).unwrap();
+    ok(&Command::new("tar")
+        .args(["--no-xattrs", "--same-owner", "-xpzf"])
+        .arg(parts.join("data.tar.gz"))
+        .arg("-C")
+        .arg(&no_xattrs)
+        .output()
+        .unwrap());
+    check("tar without xattrs", &no_xattrs, false);
+    ok(&Command::new("tar")
+        .args(["-xzf"])
+        .arg(parts.join("control.tar.gz"))
+        .arg("-C")
+        .arg(&parts)
+        .output()
+        .unwrap());
+    ok(&Command::new("sh")
+        .arg(parts.join("postinst"))
+        .arg("configure")
+        .env("PKG_ROOT", format!("{}/", no_xattrs.display()))
+        .env("IPKG_INSTROOT", "")
+        .env("OFFLINE_ROOT", "")
+        .output()
+        .unwrap());
+    check("tar without xattrs, then the postinst", &no_xattrs, true);
+
+    // apply restores them itself.
+    let by_apply = d.join("by-apply");
+    fs::create_dir(&by_apply).unwrap();
+    ok(&Command::new(layerpack_bin())
+        .args(["apply"])
+        .arg(&ipk)
+        .arg("--root")
+        .arg(&by_apply)
+        .output()
+        .unwrap());
+    check("layerpack apply", &by_apply, true);
+
+    // dpkg refuses PAX headers, so the deb carries no xattrs; its
+    // postinst sets the capability.
+    let device = d.join("device");
+    device_skeleton(&device);
+    ok(&dpkg(
+        &device,
+        &["-i", d.join("out/plocate_1_all.deb").to_str().unwrap()],
+    ));
+    check("dpkg -i of the deb", &device, true);
+    passed()
+}
+
+layerpack_tests::test_main!(
+    upgrade_and_remove_follow_the_build_and_restore_edited_files,
+    setgid_group_and_file_capabilities_survive_every_installer,
+);
