@@ -486,8 +486,9 @@ impl App {
             .map_err(core_err)?;
             let w = packaging.write(s, cs, content, &out).map_err(core_err)?;
             notes.append(&mut packaging.notes);
-            let path = manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs)
-                .map_err(core_err)?;
+            let path =
+                manifest::write_changes_json(&out, &s.package, &s.backend, &s.base, cs, &w.routes)
+                    .map_err(core_err)?;
             written.extend(w.paths);
             written.push(path);
             counts = Some(w.counts);

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use layerpack_core::jsonbytes::to_json;
-use layerpack_core::model::{Change, ChangeKind, ChangeSet};
+use std::collections::BTreeMap;
+
+use layerpack_core::model::{Change, ChangeKind, ChangeSet, RelPath};
 use layerpack_core::session::write_atomic_with;
 use layerpack_core::tree::hex;
 use serde::Serialize;
@@ -48,6 +50,9 @@ pub struct ChangeRecord {
     link_group: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     xattrs: Vec<XattrRecord>,
+    /// How the change reached the package (`final` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'static str>,
 }
 
 impl ChangeRecord {
@@ -79,6 +84,7 @@ impl ChangeRecord {
                     value: to_json(v),
                 })
                 .collect(),
+            route: None,
         }
     }
 }
@@ -126,13 +132,17 @@ pub fn write_changes_json(
     backend: &str,
     root: &Path,
     cs: &ChangeSet,
+    routes: &BTreeMap<RelPath, &'static str>,
 ) -> Result<std::path::PathBuf> {
     /// The changes, serialized one record at a time as they are written:
     /// the document is never in memory whole.
-    struct Changes<'a>(&'a ChangeSet);
+    struct Changes<'a>(&'a ChangeSet, &'a BTreeMap<RelPath, &'static str>);
     impl Serialize for Changes<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.changes().iter().map(ChangeRecord::of))
+            s.collect_seq(self.0.changes().iter().map(|c| ChangeRecord {
+                route: self.1.get(&c.path).copied(),
+                ..ChangeRecord::of(c)
+            }))
         }
     }
     #[derive(Serialize)]
@@ -150,7 +160,7 @@ pub fn write_changes_json(
         backend,
         root: to_json(root.as_os_str().as_encoded_bytes()),
         summary: summary(cs),
-        changes: Changes(cs),
+        changes: Changes(cs, routes),
     };
     let path = out.join(format!("{package}.changes.json"));
     write_atomic_with(&path, |w| {

@@ -237,7 +237,7 @@ impl Packaging {
                 out.display()
             );
         }
-        let c = compose::compose(
+        let mut c = compose::compose(
             &s.package,
             &package,
             s.version
@@ -296,7 +296,7 @@ impl Packaging {
         for (other, paths) in &c.taken {
             ledger.disown(other, paths);
         }
-        ledger.set(c.record);
+        ledger.set(std::mem::take(&mut c.record));
         for (pkg, path) in ledger.save()? {
             self.notes.push(format!(
                 "{path:?} ({pkg}) has a newline in its name; it is in the ledger and changes.json but not in packages-file-list.txt"
@@ -307,6 +307,7 @@ impl Packaging {
         Ok(Written {
             paths: written,
             counts: c.counts,
+            routes: c.routes.into_iter().map(|(p, r)| (p, r.as_str())).collect(),
         })
     }
 }
@@ -317,4 +318,6 @@ pub struct Written {
     pub paths: Vec<PathBuf>,
     /// Which route the package's entries took.
     pub counts: Counts,
+    /// The route of each change (for `changes.json`).
+    pub routes: std::collections::BTreeMap<layerpack_core::model::RelPath, &'static str>,
 }

@@ -36,8 +36,14 @@ fn ok(o: &Output) -> String {
 }
 
 /// `layerpack run <pkg> --root root --out out <opts> -- sh -c <script>` in `dir`.
+/// A `layerpack.toml` in `dir` is used when there is one.
 fn capture(dir: &Path, pkg: &str, opts: &[&str], script: &str) -> String {
-    let mut args = vec!["run", pkg, "--root", "root", "--out", "out"];
+    let config = dir.join("layerpack.toml");
+    let mut args = Vec::new();
+    if config.exists() {
+        args.extend(["--config", config.to_str().unwrap()]);
+    }
+    args.extend(["run", pkg, "--root", "root", "--out", "out"]);
     args.extend_from_slice(opts);
     args.extend_from_slice(&["--", "sh", "-c", script]);
     ok(&Command::new(layerpack_bin())
@@ -159,6 +165,11 @@ fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
         fs::write(r.join("etc/shells"), "/bin/sh\n").unwrap();
     }
     let before = tree(&device);
+    fs::write(
+        d.join("layerpack.toml"),
+        "[packages.pkga]\nconffiles = [\"/etc/a.conf\"]\n",
+    )
+    .unwrap();
 
     capture(
         &d,
@@ -166,13 +177,15 @@ fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
         &["--version", "1.0"],
         r#"set -e; r="$LAYERPACK_ROOT"; mkdir -p "$r/usr/bin" "$r/usr/share/doc/a"
            echo a1 > "$r/usr/bin/a"; chmod 755 "$r/usr/bin/a"; echo readme > "$r/usr/share/doc/a/README"
-           echo /bin/zsh >> "$r/etc/shells""#,
+           echo "setting=1" > "$r/etc/a.conf"; echo /bin/zsh >> "$r/etc/shells""#,
     );
     ok(&dpkg(
         &device,
         &["-i", d.join("out/pkga_1.0_all.ipk").to_str().unwrap()],
     ));
     same_tree("after installing pkga 1.0", &tree(&root), &device);
+    // The device's owner edits the configuration file.
+    fs::write(device.join("etc/a.conf"), "setting=local\n").unwrap();
 
     // make pkga-rebuild: the install rewrites only the binary.
     let out = capture(
@@ -190,11 +203,18 @@ fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
     );
     let file_list = fs::read_to_string(d.join("out/packages-file-list.txt")).unwrap();
     assert_eq!(
-        file_list, "pkga,./usr/bin/a\npkga,./usr/share/doc/a/README\n",
+        file_list, "pkga,./etc/a.conf\npkga,./usr/bin/a\npkga,./usr/share/doc/a/README\n",
         "the file list names every file pkga owns"
     );
     ok(&dpkg(&device, &["-i", ipk11.to_str().unwrap()]));
-    same_tree("after upgrading to pkga 1.1", &tree(&root), &device);
+    // The conffile the package did not change keeps the local edit.
+    let mut want = tree(&root);
+    let local = tree(&device)["etc/a.conf"].clone();
+    assert!(local.contains("setting=local"), "{local}");
+    want.insert("etc/a.conf".into(), local);
+    same_tree("after upgrading to pkga 1.1", &want, &device);
+    // From here on the build's configuration again.
+    fs::write(device.join("etc/a.conf"), "setting=1\n").unwrap();
 
     // A second package edits the base file pkga edited, and one of
     // pkga's own files.
@@ -210,6 +230,17 @@ fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
         out.contains("usr/share/doc/a/README: touched by more than one package (pkga installed it, pkgb changed it)"),
         "{out}"
     );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("out/pkgb.changes.json")).unwrap()).unwrap();
+    let routes: BTreeMap<&str, &str> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["path"].as_str().unwrap(), c["route"].as_str().unwrap()))
+        .collect();
+    assert_eq!(routes["etc/shells"], "divert", "{routes:?}");
+    assert_eq!(routes["usr/share/doc/a/README"], "divert", "{routes:?}");
+    assert_eq!(routes["usr/bin/b"], "owned", "{routes:?}");
     let ipkb = d.join("out/pkgb_1_all.ipk");
     assert_eq!(control_field(&ipkb, "Replaces").as_deref(), Some("pkga"));
     assert_eq!(control_field(&ipkb, "Depends").as_deref(), Some("pkga"));
@@ -219,8 +250,9 @@ fn upgrade_and_remove_follow_the_build_and_restore_edited_files() -> Outcome {
 
     ok(&dpkg(&device, &["-r", "pkgb"]));
     same_tree("after removing pkgb", &before_b, &device);
-    ok(&dpkg(&device, &["-r", "pkga"]));
-    same_tree("after removing pkga", &before, &device);
+    // Purge: a plain remove keeps conffiles, as opkg and dpkg do.
+    ok(&dpkg(&device, &["-P", "pkga"]));
+    same_tree("after purging pkga", &before, &device);
     assert!(
         !device.join("var/lib/layerpack").exists(),
         "the packages' bookkeeping is gone with them"

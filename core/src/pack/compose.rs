@@ -58,6 +58,37 @@ impl ForeignPolicy {
     }
 }
 
+/// The route one change took into the package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The package's own path, shipped as data.
+    Owned,
+    /// The package's own path, deleted by the install: gone from it.
+    Dropped,
+    /// A changed directory it shares with others: shipped, owned by none.
+    SharedDir,
+    /// An edit of a path it does not own, carried by the scripts.
+    Divert,
+    /// An edit of a path it does not own, shipped as its own.
+    Ship,
+    /// An edit of a path it does not own, left out.
+    Skip,
+}
+
+impl Route {
+    /// The name `changes.json` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Owned => "owned",
+            Route::Dropped => "dropped",
+            Route::SharedDir => "shared-dir",
+            Route::Divert => "divert",
+            Route::Ship => "ship",
+            Route::Skip => "skip",
+        }
+    }
+}
+
 /// How many entries took which route.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -92,8 +123,10 @@ pub struct Composition {
     pub taken: BTreeMap<String, BTreeSet<Vec<u8>>>,
     /// The package's ledger record after this capture.
     pub record: PackageRecord,
-    /// The routes taken.
+    /// The routes taken, counted.
     pub counts: Counts,
+    /// The route of each change of the layer.
+    pub routes: BTreeMap<RelPath, Route>,
     /// One line per path that is not simply the package's own, for the
     /// user ("touched by more than one package" and friends).
     pub notes: Vec<String>,
@@ -152,8 +185,10 @@ pub fn compose(
             // The package's own path.
             if ch.kind == ChangeKind::Deleted {
                 c.counts.dropped += 1;
+                c.routes.insert(ch.path.clone(), Route::Dropped);
                 continue;
             }
+            c.routes.insert(ch.path.clone(), Route::Owned);
             if let Some(other) = others.get(key) {
                 c.notes.push(format!(
                     "{}: provided by {package} now; {other} installed it before (Replaces: {other})",
@@ -177,6 +212,7 @@ pub fn compose(
             // Directories are shared: a changed one is shipped as a
             // directory entry, owned by nobody new.
             c.items.push(layer_item(ch.path.clone()));
+            c.routes.insert(ch.path.clone(), Route::SharedDir);
             continue;
         }
         let deleted = ch.kind == ChangeKind::Deleted;
@@ -193,6 +229,7 @@ pub fn compose(
             }
             ForeignPolicy::Skip => {
                 c.counts.skipped += 1;
+                c.routes.insert(ch.path.clone(), Route::Skip);
                 c.notes.push(format!(
                     "{}: {} by {package} but owned by {whose}; left out of the package (--foreign-edits=skip)",
                     ch.path,
@@ -202,6 +239,7 @@ pub fn compose(
             }
             ForeignPolicy::Ship => {
                 c.counts.shipped += 1;
+                c.routes.insert(ch.path.clone(), Route::Ship);
                 if deleted {
                     c.deletions.push(ch.path.clone());
                 } else {
@@ -217,6 +255,7 @@ pub fn compose(
             }
             ForeignPolicy::Divert => {
                 c.counts.diverted += 1;
+                c.routes.insert(ch.path.clone(), Route::Divert);
                 if !deleted {
                     c.items.push(layer_item(private_path(package, &ch.path)));
                 }
