@@ -41,6 +41,30 @@ pub fn layerpack_bin() -> std::path::PathBuf {
     .clone()
 }
 
+/// The `layerpack-buildroot-hook` binary (built once per test process), or
+/// `LAYERPACK_HOOK_BIN`.
+pub fn hook_bin() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("LAYERPACK_HOOK_BIN") {
+            return PathBuf::from(p);
+        }
+        layerpack_bin();
+        cargo_in_profile(&[
+            "build",
+            "--quiet",
+            "-p",
+            "layerpack",
+            "--bin",
+            "layerpack-buildroot-hook",
+        ]);
+        profile_dir().join("layerpack-buildroot-hook")
+    })
+    .clone()
+}
+
 /// The target directory of the profile the running test was built with
 /// (`target/<profile>/deps/<test>` → `target/<profile>`).
 fn profile_dir() -> std::path::PathBuf {

@@ -1,0 +1,173 @@
+//! `layerpack-buildroot-hook`: Buildroot's instrumentation script.
+//!
+//! Set `BR2_INSTRUMENTATION_SCRIPTS` to this one path. Buildroot calls it
+//! as `<hook> start|end <step> <pkg>` around every step of every package,
+//! one process per call, with `TARGET_DIR`, `BASE_DIR`, `BUILD_DIR`,
+//! `HOST_DIR`, `CONFIG_DIR` and `BR2_CONFIG` in the environment (and no
+//! `PKG`, no version). Only `install-target` of a target package does
+//! anything: `start` opens a capture session for the package on
+//! `$TARGET_DIR`, `end` packages what the install did and folds it. Every
+//! other call returns at once, before reading any file.
+//!
+//! The work is done by the `layerpack` binary next to this one (or on
+//! `PATH`): `layerpack init` and `layerpack final`, with the session state
+//! in `$BASE_DIR/layerpack/state` and the feed in `$BASE_DIR/layerpack/feed`
+//! (`LAYERPACK_BUILDROOT_DIR` moves both). The config is
+//! `LAYERPACK_CONFIG`, else `$CONFIG_DIR/layerpack.toml` when it exists.
+//!
+//! The version comes from the package's build directory,
+//! `$BUILD_DIR/<pkg>-<version>/` (Buildroot's naming; the hook's
+//! environment has no version): the candidate that is built and not yet
+//! installed, newest `.stamp_built` first. A version that does not start
+//! with a digit (a git hash, `custom`) becomes `0+<version>`, which opkg
+//! and dpkg order below every release. `[packages.<pkg>] version` in the
+//! config wins.
+//!
+//! A failure prints one line and exits non-zero: Buildroot stops the
+//! build there.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The `layerpack` binary: next to this one, else on `PATH`.
+fn layerpack_bin() -> PathBuf {
+    if let Some(p) = env_path("LAYERPACK_BIN") {
+        return p;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("layerpack")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("layerpack"))
+}
+
+/// Whether `pkg` with this `TARGET_DIR` is a host package.
+fn is_host(pkg: &str, target: &Path) -> bool {
+    if pkg.starts_with("host-") {
+        return true;
+    }
+    env_path("HOST_DIR").is_some_and(|h| target.starts_with(h))
+}
+
+/// The version of `pkg` from `$BUILD_DIR/<pkg>-<version>/`: among the
+/// directories named so, the one built and not yet installed to the
+/// target, newest `.stamp_built` first; else the newest built one.
+pub fn version_from_build_dir(build: &Path, pkg: &str) -> Option<String> {
+    let prefix = format!("{pkg}-");
+    let mut found: Vec<(bool, std::time::SystemTime, String)> = Vec::new();
+    for e in std::fs::read_dir(build).ok()?.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(version) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if version.is_empty() {
+            continue;
+        }
+        let dir = e.path();
+        let Ok(built) = std::fs::metadata(dir.join(".stamp_built")).and_then(|m| m.modified())
+        else {
+            continue;
+        };
+        let installed = dir.join(".stamp_target_installed").exists();
+        found.push((!installed, built, version.to_string()));
+    }
+    found.sort();
+    found.pop().map(|(_, _, v)| {
+        if v.starts_with(|c: char| c.is_ascii_digit()) {
+            v
+        } else {
+            format!("0+{v}")
+        }
+    })
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("layerpack-buildroot-hook: error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let [when, step, pkg] = &args[..] else {
+        return fail(
+            "expected `start|end <step> <package>` (set BR2_INSTRUMENTATION_SCRIPTS to this program)",
+        );
+    };
+    // Everything but install-target returns here, before any file is read.
+    if step != "install-target" {
+        return ExitCode::SUCCESS;
+    }
+    let (Some(when), Some(pkg)) = (when.to_str(), pkg.to_str()) else {
+        return fail("the step and package name must be text");
+    };
+    let Some(target) = env_path("TARGET_DIR") else {
+        return fail("TARGET_DIR is not set: this program is called by Buildroot");
+    };
+    if is_host(pkg, &target) {
+        return ExitCode::SUCCESS;
+    }
+    let Some(base) = env_path("LAYERPACK_BUILDROOT_DIR")
+        .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
+    else {
+        return fail("neither LAYERPACK_BUILDROOT_DIR nor BASE_DIR is set");
+    };
+    let mut cmd = Command::new(layerpack_bin());
+    let config = env_path("LAYERPACK_CONFIG").or_else(|| {
+        env_path("CONFIG_DIR")
+            .map(|c| c.join("layerpack.toml"))
+            .filter(|c| c.is_file())
+    });
+    if let Some(c) = &config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("--state-dir").arg(base.join("state"));
+    match when {
+        "start" => {
+            // A session left by an interrupted install of this package
+            // (the build was killed): Buildroot runs the whole install
+            // again, into the same capture.
+            let session = base.join("state/sessions").join(pkg).join("session.json");
+            if session.is_file() {
+                eprintln!(
+                    "layerpack-buildroot-hook: {pkg}: continuing the capture an interrupted install left open"
+                );
+                return ExitCode::SUCCESS;
+            }
+            if !target.is_dir() {
+                if let Err(e) = std::fs::create_dir_all(&target) {
+                    return fail(format!("cannot create {}: {e}", target.display()));
+                }
+            }
+            cmd.args(["init", pkg, "--root"]).arg(&target);
+            if let Some(v) = env_path("BUILD_DIR").and_then(|b| version_from_build_dir(&b, pkg)) {
+                cmd.arg("--version").arg(v);
+            }
+            // init prints the merged path, which Buildroot has no use for.
+            cmd.stdout(std::process::Stdio::null());
+        }
+        "end" => {
+            cmd.args(["final", pkg, "--out"]).arg(base.join("feed"));
+            cmd.stdout(std::process::Stdio::null());
+        }
+        other => return fail(format!("unknown phase '{other}' (expected start or end)")),
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => fail(format!(
+            "layerpack {} {pkg} failed ({s}); see the message above",
+            if when == "start" { "init" } else { "final" }
+        )),
+        Err(e) => fail(format!(
+            "cannot run {}: {e}",
+            cmd.get_program().to_string_lossy()
+        )),
+    }
+}

@@ -1,0 +1,340 @@
+//! The Buildroot hook against a miniature Buildroot
+//! (`tests/buildroot-double/br`), which makes the calls, sets the
+//! environment and handles target directories the way Buildroot 2023.02
+//! does (`BUILDROOT-NOTES.md`): classic mode and per-package directories.
+//! Oracles: every target package has an ipk; the feed installed onto an
+//! empty directory with `layerpack apply`, and with real dpkg, reproduces
+//! the target the build made.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use layerpack_tests::{hook_bin, layerpack_bin, missing, passed, Need, Outcome};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("br-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The packages of the test build: a library installed to staging too,
+/// an application linking it (setuid binary, a hard link, a conffile-like
+/// file), a package that edits the application's file in place, a host
+/// tool, a package versioned by a git hash, and two packages whose names
+/// share a prefix.
+fn packages(at: &Path) -> PathBuf {
+    let p = at.join("package");
+    let pkg = |name: &str, version: &str, deps: &[&str], install: &str| {
+        let d = p.join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("version"), version).unwrap();
+        fs::write(d.join("install"), install).unwrap();
+        if !deps.is_empty() {
+            fs::write(d.join("deps"), deps.join("\n") + "\n").unwrap();
+        }
+        d
+    };
+    let lib = pkg(
+        "libfoo",
+        "1.2.3",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/lib"; echo lib > "$TARGET_DIR/usr/lib/libfoo.so.1"
+           ln -sf libfoo.so.1 "$TARGET_DIR/usr/lib/libfoo.so""#,
+    );
+    fs::write(lib.join("staging"), "").unwrap();
+    pkg(
+        "app",
+        "2.0",
+        &["libfoo"],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/bin" "$TARGET_DIR/etc"
+           echo app > "$TARGET_DIR/usr/bin/app"; chmod 4755 "$TARGET_DIR/usr/bin/app"
+           ln -f "$TARGET_DIR/usr/bin/app" "$TARGET_DIR/usr/bin/app-alias"
+           echo "conf=1" > "$TARGET_DIR/etc/app.conf""#,
+    );
+    pkg(
+        "tweak",
+        "1",
+        &["app"],
+        r#"set -e; echo "tweaked=1" >> "$TARGET_DIR/etc/app.conf""#,
+    );
+    let host = pkg(
+        "host-tool",
+        "1",
+        &[],
+        r#"set -e; mkdir -p "$HOST_DIR/bin"; echo tool > "$HOST_DIR/bin/tool""#,
+    );
+    fs::write(host.join("host"), "").unwrap();
+    pkg(
+        "gitpkg",
+        "a1b2c3d",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/git"; echo g > "$TARGET_DIR/usr/share/git/g""#,
+    );
+    pkg(
+        "foo-bar",
+        "3.0",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/foo-bar"; echo fb > "$TARGET_DIR/usr/share/foo-bar/x""#,
+    );
+    pkg(
+        "foo",
+        "1.0",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/foo"; echo f > "$TARGET_DIR/usr/share/foo/x""#,
+    );
+    p
+}
+
+const ORDER: &[&str] = &[
+    "host-tool",
+    "libfoo",
+    "app",
+    "tweak",
+    "gitpkg",
+    "foo-bar",
+    "foo",
+];
+
+fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("buildroot-double/br");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script);
+    if ppd {
+        cmd.arg("--ppd");
+    }
+    cmd.args(extra)
+        .arg(o)
+        .arg(pkgs)
+        .args(names)
+        .env("BR2_INSTRUMENTATION_SCRIPTS", hook_bin())
+        .env("LAYERPACK_BIN", layerpack_bin())
+        .env_remove("LAYERPACK_CONFIG")
+        .env_remove("LAYERPACK_STATE_DIR")
+        .stdin(Stdio::null());
+    ok(&cmd.output().unwrap())
+}
+
+/// Per path: type, mode, owner, content or target. layerpack's own
+/// bookkeeping (`var/lib/layerpack`) and dpkg's database are left out.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let e = e.unwrap();
+        let name = e
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("var") {
+            continue;
+        }
+        let md = e.path().symlink_metadata().unwrap();
+        let what = if md.file_type().is_symlink() {
+            format!("-> {}", fs::read_link(e.path()).unwrap().display())
+        } else if md.is_file() {
+            format!(
+                "{:?}",
+                String::from_utf8_lossy(&fs::read(e.path()).unwrap())
+            )
+        } else {
+            "dir".into()
+        };
+        out.insert(
+            name,
+            format!("{:o} {}:{} {what}", md.mode(), md.uid(), md.gid()),
+        );
+    }
+    out
+}
+
+fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
+    let mut diff = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(g) if g == v => {}
+            Some(g) => diff.push(format!("{k}: target {v}, installed {g}")),
+            None => diff.push(format!("{k}: target {v}, not installed")),
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            diff.push(format!("{k}: installed only ({g})"));
+        }
+    }
+    assert!(diff.is_empty(), "{what}:\n{}", diff.join("\n"));
+}
+
+fn ipks(feed: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(feed)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".ipk"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn build_and_check(ppd: bool) -> Outcome {
+    let needs: &[Need] = if nix::unistd::geteuid().is_root() {
+        &[Need::Tool("bash"), Need::Tool("dpkg")]
+    } else {
+        &[Need::Tool("bash")]
+    };
+    if let Some(skip) = missing(needs) {
+        return skip;
+    }
+    let d = scratch(if ppd { "ppd" } else { "classic" });
+    let pkgs = packages(&d);
+    let o = d.join("output");
+    br(&o, &pkgs, ppd, &[], ORDER);
+    let feed = o.join("layerpack/feed");
+    assert_eq!(
+        ipks(&feed),
+        [
+            "app_2.0_all.ipk",
+            "foo-bar_3.0_all.ipk",
+            "foo_1.0_all.ipk",
+            "gitpkg_0+a1b2c3d_all.ipk",
+            "libfoo_1.2.3_all.ipk",
+            "tweak_1_all.ipk",
+        ],
+        "one ipk per target package, versions from the build directories; none for host-tool"
+    );
+    let sessions = o.join("layerpack/state/sessions");
+    assert!(
+        fs::read_dir(&sessions).map(|r| r.count()).unwrap_or(0) == 0,
+        "no session is left open"
+    );
+    let target = tree(&o.join("target"));
+    assert!(target.contains_key("usr/bin/app"), "{target:?}");
+    assert!(target["etc/app.conf"].contains("tweaked=1"), "{target:?}");
+
+    // The feed, installed in build order onto an empty tree, is the target.
+    let by_apply = d.join("by-apply");
+    fs::create_dir(&by_apply).unwrap();
+    for p in ["libfoo", "app", "tweak", "gitpkg", "foo-bar", "foo"] {
+        let ipk = feed.join(
+            ipks(&feed)
+                .into_iter()
+                .find(|n| n.starts_with(&format!("{p}_")))
+                .unwrap(),
+        );
+        ok(&Command::new(layerpack_bin())
+            .arg("apply")
+            .arg(&ipk)
+            .arg("--root")
+            .arg(&by_apply)
+            .output()
+            .unwrap());
+    }
+    assert_same("layerpack apply of the feed", &target, &tree(&by_apply));
+
+    if nix::unistd::geteuid().is_root() {
+        let device = d.join("by-dpkg");
+        for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+            fs::create_dir_all(device.join(sub)).unwrap();
+        }
+        fs::write(device.join("var/lib/dpkg/status"), "").unwrap();
+        for p in ["libfoo", "app", "tweak", "gitpkg", "foo-bar", "foo"] {
+            let ipk = feed.join(
+                ipks(&feed)
+                    .into_iter()
+                    .find(|n| n.starts_with(&format!("{p}_")))
+                    .unwrap(),
+            );
+            ok(&Command::new("dpkg")
+                .arg(format!("--root={}", device.display()))
+                .args(["--force-script-chrootless", "--no-triggers", "-i"])
+                .arg(&ipk)
+                .output()
+                .unwrap());
+        }
+        assert_same("dpkg -i of the feed", &target, &tree(&device));
+    }
+
+    // make app-reinstall: the install runs again over its old files; the
+    // package stays whole and keeps its version.
+    br(&o, &pkgs, ppd, &["--reinstall"], &["app"]);
+    let listed = String::from_utf8_lossy(
+        &Command::new("dpkg-deb")
+            .arg("-c")
+            .arg(feed.join("app_2.0_all.ipk"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for f in ["./usr/bin/app", "./usr/bin/app-alias", "./etc/app.conf"] {
+        assert!(listed.contains(f), "{f} missing after reinstall:\n{listed}");
+    }
+    passed()
+}
+
+fn classic_build_gives_a_feed_that_reproduces_the_target() -> Outcome {
+    build_and_check(false)
+}
+
+fn per_package_directories_give_a_feed_that_reproduces_the_merged_target() -> Outcome {
+    build_and_check(true)
+}
+
+fn ignored_calls_read_nothing_and_fail_nothing() -> Outcome {
+    // No environment at all: a call for any step but install-target, or
+    // for a host package, must still succeed at once.
+    for args in [
+        ["start", "download", "foo"],
+        ["end", "build", "foo"],
+        ["start", "install-staging", "foo"],
+    ] {
+        let o = Command::new(hook_bin())
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        ok(&o);
+    }
+    let o = Command::new(hook_bin())
+        .args(["start", "install-target", "host-foo"])
+        .env_clear()
+        .env("TARGET_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    ok(&o);
+    // Misuse gets one clear line and a failure (Buildroot stops there).
+    let o = Command::new(hook_bin())
+        .args(["start", "install-target", "foo"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TARGET_DIR is not set"), "{err}");
+    let o = Command::new(hook_bin()).arg("oops").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    passed()
+}
+
+layerpack_tests::test_main!(
+    classic_build_gives_a_feed_that_reproduces_the_target,
+    per_package_directories_give_a_feed_that_reproduces_the_merged_target,
+    ignored_calls_read_nothing_and_fail_nothing,
+);
