@@ -89,6 +89,74 @@ pub fn version_from_build_dir(build: &Path, pkg: &str) -> Option<String> {
     })
 }
 
+/// `layerpack` with the config the hook uses.
+fn layerpack() -> Command {
+    let mut cmd = Command::new(layerpack_bin());
+    let config = env_path("LAYERPACK_CONFIG").or_else(|| {
+        env_path("CONFIG_DIR")
+            .map(|c| c.join("layerpack.toml"))
+            .filter(|c| c.is_file())
+    });
+    if let Some(c) = &config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd
+}
+
+fn run(mut cmd: Command, what: &str) -> ExitCode {
+    match cmd.status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => fail(format!(
+            "layerpack {what} failed ({s}); see the message above"
+        )),
+        Err(e) => fail(format!(
+            "cannot run {}: {e}",
+            cmd.get_program().to_string_lossy()
+        )),
+    }
+}
+
+/// Called as `BR2_ROOTFS_POST_BUILD_SCRIPT` (argument 1: the target
+/// directory, after target-finalize): every captured package is packed
+/// again from the finished tree, what no package installed goes into
+/// `rootfs-extra`, and the feed is indexed.
+fn post_script(tree: &Path) -> ExitCode {
+    if std::env::var_os("FAKEROOTKEY").is_some() {
+        // The image's copy, inside fakeroot: final owners. Not used yet
+        // (fakeroot does not see the raw system calls layerpack makes);
+        // the post-build call already packed the final tree.
+        eprintln!(
+            "layerpack-buildroot-hook: post-fakeroot call: nothing to do (the post-build call packed {})",
+            tree.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let Some(base) = env_path("LAYERPACK_BUILDROOT_DIR")
+        .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
+    else {
+        return fail("neither LAYERPACK_BUILDROOT_DIR nor BASE_DIR is set");
+    };
+    let feed = base.join("feed");
+    if !feed.join(LEDGER_FILE).is_file() {
+        return fail(format!(
+            "{} has no ledger: no package was captured (is BR2_INSTRUMENTATION_SCRIPTS set to this program?)",
+            feed.display()
+        ));
+    }
+    let mut cmd = layerpack();
+    cmd.arg("repack").arg(&feed).arg("--root").arg(tree);
+    let done = run(cmd, "repack");
+    if done != ExitCode::SUCCESS {
+        return done;
+    }
+    let mut cmd = layerpack();
+    cmd.arg("index").arg(&feed);
+    run(cmd, "index")
+}
+
+/// The ledger's file name (as `layerpack_core::ledger::LEDGER_FILE`).
+const LEDGER_FILE: &str = "layerpack-ledger.json";
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("layerpack-buildroot-hook: error: {msg}");
     ExitCode::FAILURE
@@ -96,6 +164,11 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if let Some(first) = args.first() {
+        if first != "start" && first != "end" {
+            return post_script(Path::new(first));
+        }
+    }
     let [when, step, pkg] = &args[..] else {
         return fail(
             "expected `start|end <step> <package>` (set BR2_INSTRUMENTATION_SCRIPTS to this program)",
@@ -119,15 +192,7 @@ fn main() -> ExitCode {
     else {
         return fail("neither LAYERPACK_BUILDROOT_DIR nor BASE_DIR is set");
     };
-    let mut cmd = Command::new(layerpack_bin());
-    let config = env_path("LAYERPACK_CONFIG").or_else(|| {
-        env_path("CONFIG_DIR")
-            .map(|c| c.join("layerpack.toml"))
-            .filter(|c| c.is_file())
-    });
-    if let Some(c) = &config {
-        cmd.arg("--config").arg(c);
-    }
+    let mut cmd = layerpack();
     cmd.arg("--state-dir").arg(base.join("state"));
     match when {
         "start" => {
@@ -159,15 +224,5 @@ fn main() -> ExitCode {
         }
         other => return fail(format!("unknown phase '{other}' (expected start or end)")),
     }
-    match cmd.status() {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => fail(format!(
-            "layerpack {} {pkg} failed ({s}); see the message above",
-            if when == "start" { "init" } else { "final" }
-        )),
-        Err(e) => fail(format!(
-            "cannot run {}: {e}",
-            cmd.get_program().to_string_lossy()
-        )),
-    }
+    run(cmd, if when == "start" { "init" } else { "final" })
 }

@@ -97,6 +97,25 @@ enum Command {
         /// The feed directory.
         feed: PathBuf,
     },
+    /// Rewrite every package a feed's ledger knows from a finished tree
+    /// (Buildroot's target after target-finalize, or the image's copy):
+    /// the same paths with their final bytes and owners, what the tree
+    /// lost dropped, and what no package installed in one extra package.
+    Repack {
+        /// The feed directory (holding layerpack-ledger.json).
+        feed: PathBuf,
+        /// The finished tree.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// Package for the paths no package installed.
+        #[arg(long, value_name = "NAME", default_value = "rootfs-extra")]
+        extra: String,
+        /// Its version.
+        #[arg(long = "extra-version", value_name = "V", default_value = "1")]
+        extra_version: String,
+        #[command(flatten)]
+        pack: packaging::PackArgs,
+    },
     /// Install a package (ipk, OpenWrt ipk, tar.gz, OCI layer) into a tree, deletions included.
     Apply {
         /// The package file.
@@ -302,6 +321,15 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             .finish(&package, pkg_version.as_deref(), &opts)
             .map(|()| ExitCode::SUCCESS),
         Command::Index { feed } => app.index(&feed).map(|()| ExitCode::SUCCESS),
+        Command::Repack {
+            feed,
+            root,
+            extra,
+            extra_version,
+            pack,
+        } => app
+            .repack(&feed, &root, &extra, &extra_version, &pack)
+            .map(|()| ExitCode::SUCCESS),
         Command::Selftest { backend, dir } => app.selftest(&backend, dir.as_deref(), userns),
         Command::Apply { package, root } => app.apply(&package, &root).map(|()| ExitCode::SUCCESS),
         Command::Run {
@@ -480,8 +508,7 @@ impl App {
                 &opts.pack,
                 version,
                 &self.config,
-                s,
-                records_ownership,
+                &packaging::Subject::of_session(s, records_ownership),
             )
             .map_err(core_err)?;
             let w = packaging.write(s, cs, content, &out).map_err(core_err)?;
@@ -859,6 +886,130 @@ impl App {
                 "layerpack: {} packages indexed in {}",
                 entries.len(),
                 feed.join("Packages").display()
+            );
+        }
+        Ok(())
+    }
+
+    fn repack(
+        &self,
+        feed: &Path,
+        root: &Path,
+        extra: &str,
+        extra_version: &str,
+        pack: &packaging::PackArgs,
+    ) -> Result<()> {
+        use layerpack_core::ledger::{Ledger, OwnedPath, PackageRecord};
+        use std::os::unix::ffi::OsStrExt;
+        layerpack_core::session::validate_package_name(extra)?;
+        let root = std::fs::canonicalize(root)
+            .with_context(|| format!("cannot resolve the tree {}", root.display()))?;
+        let mut ledger = Ledger::open(feed, &root)?;
+        // What no package owns or edits goes into the extra package.
+        let mut claimed: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for p in ledger.packages.iter().filter(|p| p.name != extra) {
+            claimed.extend(p.files.iter().map(|f| f.path.clone()));
+            claimed.extend(p.edits.iter().map(|e| e.path.clone()));
+        }
+        let mut unclaimed = Vec::new();
+        for e in walkdir::WalkDir::new(&root)
+            .min_depth(1)
+            .sort_by_file_name()
+        {
+            let e = e.with_context(|| format!("cannot walk {}", root.display()))?;
+            if e.file_type().is_dir() {
+                continue;
+            }
+            let rel = e.path().strip_prefix(&root).unwrap_or(e.path());
+            let bytes = rel.as_os_str().as_bytes().to_vec();
+            if !claimed.contains(&bytes) {
+                unclaimed.push(OwnedPath {
+                    path: bytes,
+                    kind: if e.path_is_symlink() {
+                        "symlink"
+                    } else {
+                        "file"
+                    }
+                    .into(),
+                    sha256: None,
+                });
+            }
+        }
+        let mut report: Vec<String> = Vec::new();
+        for u in &unclaimed {
+            report.push(format!(
+                "extra: {} (installed by no package; in {extra})",
+                layerpack_core::model::escape_bytes(&u.path)
+            ));
+        }
+        if !unclaimed.is_empty() || ledger.get(extra).is_some() {
+            ledger.set(PackageRecord {
+                name: extra.to_string(),
+                version: Some(extra_version.to_string()),
+                files: unclaimed,
+                ..ledger.get(extra).cloned().unwrap_or_default()
+            });
+        }
+        let mut written = Vec::new();
+        let names: Vec<String> = ledger.packages.iter().map(|p| p.name.clone()).collect();
+        let empty = layerpack_core::model::ChangeSet::default();
+        for name in &names {
+            let version = ledger.get(name).and_then(|p| p.version.clone());
+            let subject = packaging::Subject {
+                package: name,
+                version: version.as_deref(),
+                installer: Some((
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                )),
+                records_ownership: false,
+            };
+            let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
+            let w = p.compose_and_emit(&mut ledger, name, &empty, &root, &root, feed)?;
+            written.extend(w.paths);
+            for n in p.notes {
+                report.push(format!("{name}: {n}"));
+            }
+        }
+        let mut p = packaging::Packaging::decide(
+            pack,
+            None,
+            &self.config,
+            &packaging::Subject {
+                package: extra,
+                version: Some(extra_version),
+                installer: None,
+                records_ownership: false,
+            },
+        )?;
+        p.save(
+            &ledger,
+            feed,
+            packaging::Written {
+                paths: Vec::new(),
+                counts: Default::default(),
+                routes: Default::default(),
+            },
+        )?;
+        let mut text = report.join("\n");
+        text.push('\n');
+        let report_path = feed.join("report.txt");
+        layerpack_core::session::write_atomic(&report_path, text.as_bytes())?;
+        if self.global.json {
+            print_json(
+                &json!({"type": "repack", "root": path_json(&root), "packages": names.len(),
+                "outputs": written.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
+                "report": report}),
+            )?;
+        } else {
+            for line in &report {
+                eprintln!("layerpack: {line}");
+            }
+            eprintln!(
+                "layerpack: repacked {} packages from {}; report in {}",
+                names.len(),
+                root.display(),
+                report_path.display()
             );
         }
         Ok(())

@@ -99,15 +99,39 @@ pub struct Packaging {
     pub notes: Vec<String>,
 }
 
+/// Whose package is being decided.
+pub struct Subject<'a> {
+    /// The build system's name for it.
+    pub package: &'a str,
+    /// The version recorded for it (by `init`, or in the ledger).
+    pub version: Option<&'a str>,
+    /// uid and gid the install ran as, when known.
+    pub installer: Option<(u32, u32)>,
+    /// The backend recorded the owners an unprivileged install asked for.
+    pub records_ownership: bool,
+}
+
+impl<'a> Subject<'a> {
+    /// The subject of a capture session.
+    pub fn of_session(s: &'a SessionFile, records_ownership: bool) -> Subject<'a> {
+        Subject {
+            package: &s.package,
+            version: s.version.as_deref(),
+            installer: s.installer,
+            records_ownership,
+        }
+    }
+}
+
 impl Packaging {
     /// Decide formats and metadata for `s`; `version` from the command line.
     pub fn decide(
         args: &PackArgs,
         version: Option<&str>,
         cfg: &Config,
-        s: &SessionFile,
-        records_ownership: bool,
+        s: &Subject<'_>,
     ) -> Result<Packaging> {
+        let records_ownership = s.records_ownership;
         let (formats, explicit) = formats(args, cfg)?;
         let cli = MetaFields {
             version: version.map(str::to_string),
@@ -121,21 +145,21 @@ impl Packaging {
             conffiles: None,
         };
         let session = MetaFields {
-            version: s.version.clone(),
+            version: s.version.map(str::to_string),
             ..MetaFields::default()
         };
         let fields = cli
             .or(&session)
             .or(cfg
                 .packages
-                .get(&s.package)
+                .get(s.package)
                 .unwrap_or(&MetaFields::default()))
             .or(&cfg.package_defaults);
         let mut notes = Vec::new();
         let meta = if formats.is_empty() {
             None
         } else {
-            match PackageMeta::resolve(&s.package, &fields) {
+            match PackageMeta::resolve(s.package, &fields) {
                 Ok(m) => {
                     if m.package != s.package {
                         notes.push(format!(
@@ -202,6 +226,16 @@ impl Packaging {
         })
     }
 
+    /// The `Package:` name this package is written as.
+    fn package_name(&self, name: &str) -> String {
+        match &self.meta {
+            Some(m) => m.package.clone(),
+            None => pack::map_package_name(name)
+                .map(|m| m.0)
+                .unwrap_or_else(|_| name.to_lowercase()),
+        }
+    }
+
     /// Compose the package of session `s` from the layer `cs` (content
     /// under `content`) and the ledger in `out`, write it in every format,
     /// and record what it owns (ledger and `packages-file-list.txt`).
@@ -212,12 +246,6 @@ impl Packaging {
         content: &Path,
         out: &Path,
     ) -> Result<Written> {
-        let package = match &self.meta {
-            Some(m) => m.package.clone(),
-            None => pack::map_package_name(&s.package)
-                .map(|m| m.0)
-                .unwrap_or_else(|_| s.package.to_lowercase()),
-        };
         let mut ledger = Ledger::open(out, &s.base)?;
         if ledger.imported {
             self.notes.push(format!(
@@ -225,33 +253,51 @@ impl Packaging {
                 out.display()
             ));
         }
+        let written = self.compose_and_emit(&mut ledger, &s.package, cs, content, &s.base, out)?;
+        self.save(&ledger, out, written)
+    }
+
+    /// Compose the package of `name` from the layer `cs` (under `layer`)
+    /// and what it owns in `base`, write it, and update `ledger` (not
+    /// saved).
+    pub fn compose_and_emit(
+        &mut self,
+        ledger: &mut Ledger,
+        name: &str,
+        cs: &ChangeSet,
+        layer: &Path,
+        base: &Path,
+        out: &Path,
+    ) -> Result<Written> {
+        let package = self.package_name(name);
         if let Some(other) = ledger
             .packages
             .iter()
-            .find(|p| p.name != s.package && p.package.as_deref() == Some(package.as_str()))
+            .find(|p| p.name != name && p.package.as_deref() == Some(package.as_str()))
         {
             bail!(
-                "'{}' and '{}' are both written as the package '{package}' in {}; rename one of them",
+                "'{}' and '{name}' are both written as the package '{package}' in {}; rename one of them",
                 other.name,
-                s.package,
                 out.display()
             );
         }
+        let version = self
+            .meta
+            .as_ref()
+            .map(|m| m.version.clone())
+            .or_else(|| ledger.get(name).and_then(|r| r.version.clone()));
         let mut c = compose::compose(
-            &s.package,
+            name,
             &package,
-            s.version
-                .as_deref()
-                .or(self.meta.as_ref().map(|m| m.version.as_str())),
-            &ledger,
+            version.as_deref(),
+            ledger,
             cs,
-            &s.base,
+            base,
             self.foreign,
         )?;
         if self.strict && !c.replaces.is_empty() {
             bail!(
-                "--strict: {} changed files that other packages installed: {}",
-                s.package,
+                "--strict: {name} changed files that other packages installed: {}",
                 c.notes.join("; ")
             );
         }
@@ -266,7 +312,7 @@ impl Packaging {
             };
             meta.replaces = join(&meta.replaces, &c.replaces);
             meta.depends = join(&meta.depends, &c.depends);
-            let mut plan = Plan::build(c.items.clone(), content, &s.base, &self.opts)?;
+            let mut plan = Plan::build(c.items.clone(), layer, base, &self.opts)?;
             plan.deletions = c.deletions.clone();
             plan.edits = c.edits.clone();
             self.notes.extend(plan.warnings.iter().cloned());
@@ -297,18 +343,27 @@ impl Packaging {
             ledger.disown(other, paths);
         }
         ledger.set(std::mem::take(&mut c.record));
-        for (pkg, path) in ledger.save()? {
-            self.notes.push(format!(
-                "{path:?} ({pkg}) has a newline in its name; it is in the ledger and changes.json but not in packages-file-list.txt"
-            ));
-        }
-        written.push(out.join(layerpack_core::ledger::LEDGER_FILE));
-        written.push(out.join(layerpack_core::ledger::FILE_LIST));
         Ok(Written {
             paths: written,
             counts: c.counts,
             routes: c.routes.into_iter().map(|(p, r)| (p, r.as_str())).collect(),
         })
+    }
+
+    /// Save the ledger and the file list made from it.
+    pub fn save(&mut self, ledger: &Ledger, out: &Path, mut written: Written) -> Result<Written> {
+        for (pkg, path) in ledger.save()? {
+            self.notes.push(format!(
+                "{path:?} ({pkg}) has a newline in its name; it is in the ledger and changes.json but not in packages-file-list.txt"
+            ));
+        }
+        written
+            .paths
+            .push(out.join(layerpack_core::ledger::LEDGER_FILE));
+        written
+            .paths
+            .push(out.join(layerpack_core::ledger::FILE_LIST));
+        Ok(written)
     }
 }
 

@@ -52,12 +52,18 @@ fn packages(at: &Path) -> PathBuf {
         }
         d
     };
+    // A real shared library, built with symbols: target-finalize strips
+    // it, so the final bytes differ from what the install wrote.
     let lib = pkg(
         "libfoo",
         "1.2.3",
         &[],
-        r#"set -e; mkdir -p "$TARGET_DIR/usr/lib"; echo lib > "$TARGET_DIR/usr/lib/libfoo.so.1"
-           ln -sf libfoo.so.1 "$TARGET_DIR/usr/lib/libfoo.so""#,
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/lib" "$TARGET_DIR/usr/include" "$TARGET_DIR/usr/share/doc/libfoo"
+           printf 'int foo(int x) { return x * 2; }\n' > foo.c
+           cc -g -shared -fPIC -o "$TARGET_DIR/usr/lib/libfoo.so.1" foo.c
+           ln -sf libfoo.so.1 "$TARGET_DIR/usr/lib/libfoo.so"
+           echo "int foo(int);" > "$TARGET_DIR/usr/include/foo.h"
+           echo docs > "$TARGET_DIR/usr/share/doc/libfoo/README""#,
     );
     fs::write(lib.join("staging"), "").unwrap();
     pkg(
@@ -103,6 +109,17 @@ fn packages(at: &Path) -> PathBuf {
     p
 }
 
+/// The packages in the feed, in the order a device installs them.
+const ALL: &[&str] = &[
+    "libfoo",
+    "app",
+    "tweak",
+    "gitpkg",
+    "foo-bar",
+    "foo",
+    "rootfs-extra",
+];
+
 const ORDER: &[&str] = &[
     "host-tool",
     "libfoo",
@@ -125,6 +142,7 @@ fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> Strin
         .arg(pkgs)
         .args(names)
         .env("BR2_INSTRUMENTATION_SCRIPTS", hook_bin())
+        .env("BR2_ROOTFS_POST_BUILD_SCRIPT", hook_bin())
         .env("LAYERPACK_BIN", layerpack_bin())
         .env_remove("LAYERPACK_CONFIG")
         .env_remove("LAYERPACK_STATE_DIR")
@@ -215,10 +233,21 @@ fn build_and_check(ppd: bool) -> Outcome {
             "foo_1.0_all.ipk",
             "gitpkg_0+a1b2c3d_all.ipk",
             "libfoo_1.2.3_all.ipk",
+            "rootfs-extra_1_all.ipk",
             "tweak_1_all.ipk",
         ],
-        "one ipk per target package, versions from the build directories; none for host-tool"
+        "one ipk per target package, versions from the build directories; none for host-tool; what finalize made in rootfs-extra"
     );
+    let report = fs::read_to_string(feed.join("report.txt")).unwrap();
+    for line in [
+        "extra: etc/hostname",
+        "extra: etc/shells",
+        "libfoo: usr/include/foo.h: owned by libfoo but no longer in the root",
+        "libfoo: usr/share/doc/libfoo/README: owned by libfoo but no longer in the root",
+    ] {
+        assert!(report.contains(line), "report lacks {line:?}:\n{report}");
+    }
+    assert!(feed.join("Packages").is_file(), "the feed is indexed");
     let sessions = o.join("layerpack/state/sessions");
     assert!(
         fs::read_dir(&sessions).map(|r| r.count()).unwrap_or(0) == 0,
@@ -231,7 +260,7 @@ fn build_and_check(ppd: bool) -> Outcome {
     // The feed, installed in build order onto an empty tree, is the target.
     let by_apply = d.join("by-apply");
     fs::create_dir(&by_apply).unwrap();
-    for p in ["libfoo", "app", "tweak", "gitpkg", "foo-bar", "foo"] {
+    for p in ALL {
         let ipk = feed.join(
             ipks(&feed)
                 .into_iter()
@@ -254,7 +283,7 @@ fn build_and_check(ppd: bool) -> Outcome {
             fs::create_dir_all(device.join(sub)).unwrap();
         }
         fs::write(device.join("var/lib/dpkg/status"), "").unwrap();
-        for p in ["libfoo", "app", "tweak", "gitpkg", "foo-bar", "foo"] {
+        for p in ALL {
             let ipk = feed.join(
                 ipks(&feed)
                     .into_iter()

@@ -298,6 +298,7 @@ pub fn compose(
         ));
     }
     carry_forward(
+        ledger,
         package,
         &prev,
         cs,
@@ -319,7 +320,9 @@ pub fn compose(
 
 /// What the package owned or edited before and this install left alone:
 /// read from the base, where it still is.
+#[allow(clippy::too_many_arguments)]
 fn carry_forward(
+    ledger: &Ledger,
     package: &str,
     prev: &PackageRecord,
     cs: &ChangeSet,
@@ -387,6 +390,13 @@ fn carry_forward(
             }),
             (true, None) => {}
             _ => continue,
+        }
+        if let Some(o) = &e.owner {
+            let field = ledger.package_field(o);
+            c.replaces.insert(field.clone());
+            if !e.deleted {
+                c.depends.insert(field);
+            }
         }
         c.edits.push(Edit {
             path,
