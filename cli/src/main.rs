@@ -965,10 +965,22 @@ impl App {
                 records_ownership: false,
             };
             let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
+            p.publish = true;
             let w = p.compose_and_emit(&mut ledger, name, &empty, &root, &root, feed)?;
             written.extend(w.paths);
             for n in p.notes {
                 report.push(format!("{name}: {n}"));
+            }
+        }
+        for r in &ledger.packages {
+            for e in &r.edits {
+                report.push(format!(
+                    "edit: {} {} {} (owned by {}; carried by its maintainer scripts)",
+                    r.name,
+                    if e.deleted { "deletes" } else { "changes" },
+                    layerpack_core::model::escape_bytes(&e.path),
+                    e.owner.as_deref().unwrap_or("the base")
+                ));
             }
         }
         let mut p = packaging::Packaging::decide(

@@ -94,6 +94,10 @@ pub struct Packaging {
     meta: Option<PackageMeta>,
     foreign: ForeignPolicy,
     strict: bool,
+    /// Publish: give a package whose content changed under the same
+    /// version the next revision, and drop its other versions from the
+    /// feed (`repack`).
+    pub publish: bool,
     opts: PackOptions,
     /// Messages for the user.
     pub notes: Vec<String>,
@@ -215,6 +219,7 @@ impl Packaging {
             meta,
             foreign,
             strict: args.strict,
+            publish: false,
             opts: PackOptions {
                 source_date_epoch,
                 owners,
@@ -335,9 +340,39 @@ impl Packaging {
                     ));
                 }
             }
-            for f in &self.formats {
-                written.push(pack::write_package(*f, meta, &plan, &self.opts, out)?);
+            let upstream = meta.version.clone();
+            for (i, f) in self.formats.iter().enumerate() {
+                let (path, digest) = pack::write_package_digest(*f, meta, &plan, &self.opts, out)?;
+                if i == 0 && self.publish {
+                    let published =
+                        next_publication(c.record.published.as_ref(), &upstream, &digest);
+                    if published.version() != meta.version {
+                        // Written under the upstream version first: write
+                        // again under the published one.
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("cannot remove {}", path.display()))?;
+                        meta.version = published.version();
+                        let (path, _) =
+                            pack::write_package_digest(*f, meta, &plan, &self.opts, out)?;
+                        written.push(path);
+                    } else {
+                        written.push(path);
+                    }
+                    if published.revision > 0 && c.record.published.as_ref() != Some(&published) {
+                        self.notes.push(format!(
+                            "content changed under version {upstream}: published as {}",
+                            published.version()
+                        ));
+                    }
+                    c.record.published = Some(published);
+                    continue;
+                }
+                written.push(path);
             }
+            if self.publish {
+                drop_other_versions(out, meta, &self.formats, &written)?;
+            }
+            meta.version = upstream;
         }
         for (other, paths) in &c.taken {
             ledger.disown(other, paths);
@@ -365,6 +400,58 @@ impl Packaging {
             .push(out.join(layerpack_core::ledger::FILE_LIST));
         Ok(written)
     }
+}
+
+/// What to publish a package with content `digest` under `upstream` as,
+/// given what was published last.
+fn next_publication(
+    last: Option<&layerpack_core::ledger::Published>,
+    upstream: &str,
+    digest: &[u8; 32],
+) -> layerpack_core::ledger::Published {
+    let digest = layerpack_core::tree::hex(digest);
+    let revision = match last {
+        Some(p) if p.upstream == upstream && p.digest == digest => p.revision,
+        Some(p) if p.upstream == upstream => p.revision + 1,
+        _ => 0,
+    };
+    layerpack_core::ledger::Published {
+        upstream: upstream.to_string(),
+        revision,
+        digest,
+    }
+}
+
+/// Remove the feed's other versions of `meta`'s package in `formats`
+/// (a feed serves one version of each package).
+fn drop_other_versions(
+    out: &Path,
+    meta: &PackageMeta,
+    formats: &[Format],
+    keep: &[PathBuf],
+) -> Result<()> {
+    let prefix = format!("{}_", meta.package);
+    for e in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = formats.iter().any(|f| {
+            let own = f.file_name(meta);
+            let suffix = own
+                .strip_prefix(&format!(
+                    "{}_{}",
+                    meta.package,
+                    pack::version::without_epoch(&meta.version)
+                ))
+                .unwrap_or("");
+            !suffix.is_empty() && name.ends_with(suffix)
+        });
+        if name.starts_with(&prefix) && ours && !keep.iter().any(|k| k == &e.path()) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`Packaging::write`] wrote.

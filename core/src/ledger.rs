@@ -80,6 +80,35 @@ pub struct PackageRecord {
     /// Its edits to paths it does not own, sorted by path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub edits: Vec<EditRecord>,
+    /// What the feed last published for it (`layerpack repack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
+}
+
+/// A published package: its upstream version, the revision layerpack
+/// added, and the content digest it had (see
+/// [`crate::pack::write_package_digest`]). A repack whose content differs
+/// under the same upstream version gets the next revision, written
+/// `<upstream>+lp<N>`, which opkg and dpkg order after `<upstream>`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The build system's version.
+    pub upstream: String,
+    /// layerpack's revision on top (0: none).
+    pub revision: u32,
+    /// Content digest, hex.
+    pub digest: String,
+}
+
+impl Published {
+    /// The version string it was published as.
+    pub fn version(&self) -> String {
+        if self.revision == 0 {
+            self.upstream.clone()
+        } else {
+            format!("{}+lp{}", self.upstream, self.revision)
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

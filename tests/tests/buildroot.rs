@@ -242,6 +242,7 @@ fn build_and_check(ppd: bool) -> Outcome {
     for line in [
         "extra: etc/hostname",
         "extra: etc/shells",
+        "edit: tweak changes etc/app.conf (owned by app",
         "libfoo: usr/include/foo.h: owned by libfoo but no longer in the root",
         "libfoo: usr/share/doc/libfoo/README: owned by libfoo but no longer in the root",
     ] {
@@ -301,12 +302,17 @@ fn build_and_check(ppd: bool) -> Outcome {
     }
 
     // make app-reinstall: the install runs again over its old files; the
-    // package stays whole and keeps its version.
+    // package stays whole.
+    let first = feed_bytes(&feed);
     br(&o, &pkgs, ppd, &["--reinstall"], &["app"]);
+    let app = ipks(&feed)
+        .into_iter()
+        .find(|n| n.starts_with("app_"))
+        .unwrap();
     let listed = String::from_utf8_lossy(
         &Command::new("dpkg-deb")
             .arg("-c")
-            .arg(feed.join("app_2.0_all.ipk"))
+            .arg(feed.join(&app))
             .output()
             .unwrap()
             .stdout,
@@ -315,7 +321,69 @@ fn build_and_check(ppd: bool) -> Outcome {
     for f in ["./usr/bin/app", "./usr/bin/app-alias", "./etc/app.conf"] {
         assert!(listed.contains(f), "{f} missing after reinstall:\n{listed}");
     }
+
+    // A source change in one package, then make foo-rebuild: exactly that
+    // package gets a new version (same upstream version, next revision);
+    // every other package keeps its version and bytes.
+    let before = feed_bytes(&feed);
+    fs::write(
+        pkgs.join("foo/install"),
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/foo"; echo f2 > "$TARGET_DIR/usr/share/foo/x""#,
+    )
+    .unwrap();
+    br(&o, &pkgs, ppd, &["--reinstall"], &["foo"]);
+    let after = feed_bytes(&feed);
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(n, b)| before.get(*n) != Some(b))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(changed, ["foo_1.0+lp1_all.ipk"], "only foo changed");
+    assert!(
+        !after.contains_key("foo_1.0_all.ipk"),
+        "the feed serves one foo"
+    );
+    assert_eq!(after.len(), before.len());
+    // Nothing changed: nothing new.
+    br(&o, &pkgs, ppd, &["--reinstall"], &["foo"]);
+    assert_eq!(
+        feed_bytes(&feed),
+        after,
+        "an unchanged rebuild publishes nothing new"
+    );
+
+    // The device made from the first feed, upgraded with what changed,
+    // is the new target.
+    if nix::unistd::geteuid().is_root() {
+        let device = d.join("by-dpkg");
+        for (name, bytes) in &after {
+            if first.get(name) != Some(bytes) {
+                ok(&Command::new("dpkg")
+                    .arg(format!("--root={}", device.display()))
+                    .args(["--force-script-chrootless", "--no-triggers", "-i"])
+                    .arg(feed.join(name))
+                    .output()
+                    .unwrap());
+            }
+        }
+        assert_same(
+            "the first feed's device upgraded",
+            &tree(&o.join("target")),
+            &tree(&device),
+        );
+    }
     passed()
+}
+
+/// Every ipk of the feed and its bytes.
+fn feed_bytes(feed: &Path) -> BTreeMap<String, Vec<u8>> {
+    ipks(feed)
+        .into_iter()
+        .map(|n| {
+            let b = fs::read(feed.join(&n)).unwrap();
+            (n, b)
+        })
+        .collect()
 }
 
 fn classic_build_gives_a_feed_that_reproduces_the_target() -> Outcome {

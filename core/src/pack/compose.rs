@@ -314,6 +314,7 @@ pub fn compose(
         version: version.map(str::to_string),
         files: owned_after.into_values().collect(),
         edits: edits_after.into_values().collect(),
+        published: prev.published.clone(),
     };
     Ok(c)
 }

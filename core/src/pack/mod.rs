@@ -805,7 +805,7 @@ fn write_data_tar<W: Write>(
     prefix: &[u8],
     oci_whiteouts: bool,
     extended: bool,
-) -> Result<W> {
+) -> Result<(W, [u8; 32])> {
     let root = plan.layer_root.as_path();
     let mut w = TarWriter::new(out);
     let progress = crate::progress::step(
@@ -813,6 +813,7 @@ fn write_data_tar<W: Write>(
         crate::progress::Unit::Bytes,
     );
     let mut names: Vec<(RelPath, Vec<u8>)> = Vec::new();
+    let mut digest = Sha256::new();
     let mut entries: Vec<(RelPath, Option<&PlannedEntry>)> = plan
         .entries
         .iter()
@@ -949,9 +950,17 @@ fn write_data_tar<W: Write>(
             if e.size - stored.min(e.size) >= SPARSE_MIN {
                 // Holes travel as holes: read and stored once, data only.
                 let before = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
-                let mut f = f;
+                let mut f = HashingReader {
+                    inner: f,
+                    hash: Sha256::new(),
+                };
                 w.sparse_file(&h, &segments, &mut f)
                     .map_err(io_err(&abs, "cannot package"))?;
+                for (o, l) in &segments {
+                    f.hash.update(format!("{o}+{l};").as_bytes());
+                }
+                digest_entry(&mut digest, &h, &f.hash.clone().finalize().into());
+                let f = f.inner;
                 let after = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
                 use std::os::unix::fs::MetadataExt;
                 if after.len() != e.size
@@ -981,6 +990,7 @@ fn write_data_tar<W: Write>(
                 .map_err(io_err(&abs, "cannot package"))?;
             progress.add(e.size);
             let got: [u8; 32] = hashing.hash.finalize().into();
+            digest_entry(&mut digest, &h, &got);
             if e.sha256.is_some_and(|h| h != got) {
                 return Err(Error::new(
                     ErrorKind::Io,
@@ -989,14 +999,40 @@ fn write_data_tar<W: Write>(
                 .with_path(&abs));
             }
         }
+        if kind != TarKind::File {
+            digest_entry(&mut digest, &h, &[0; 32]);
+        }
         names.push((path, name));
     }
-    w.finish().map_err(io_err(root, "cannot write package"))
+    let out = w.finish().map_err(io_err(root, "cannot write package"))?;
+    Ok((out, digest.finalize().into()))
+}
+
+/// Add one entry to a package's content digest: everything but its mtime.
+fn digest_entry(digest: &mut Sha256, h: &TarHeader<'_>, content: &[u8; 32]) {
+    digest.update(h.name);
+    digest.update(
+        format!(
+            "\0{:?} {:o} {}:{} {} {}:{}\0",
+            h.kind, h.mode, h.uid, h.gid, h.size, h.dev.0, h.dev.1
+        )
+        .as_bytes(),
+    );
+    digest.update(h.link);
+    digest.update(b"\0");
+    digest.update(content);
 }
 
 struct HashingReader<R> {
     inner: R,
     hash: Sha256,
+}
+
+/// Seeking skips bytes without hashing them (a sparse file's holes).
+impl<R: std::io::Seek> std::io::Seek for HashingReader<R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -1080,19 +1116,25 @@ fn threads(opts: &PackOptions) -> usize {
 }
 
 /// Write the gzip'd data tarball of `plan` to `path`.
-fn write_data_tar_gz(path: &Path, plan: &Plan, opts: &PackOptions, extended: bool) -> Result<()> {
+fn write_data_tar_gz(
+    path: &Path,
+    plan: &Plan,
+    opts: &PackOptions,
+    extended: bool,
+) -> Result<[u8; 32]> {
     let f = fs::File::create(path).map_err(io_err(path, "cannot create"))?;
     let gz = pgz::ParallelGz::new(
         std::io::BufWriter::new(f),
         opts.compression.unwrap_or(6),
         threads(opts),
     );
-    let gz = write_data_tar(gz, plan, b"./", false, extended)?;
+    let (gz, digest) = write_data_tar(gz, plan, b"./", false, extended)?;
     let w = gz.finish().map_err(io_err(path, "cannot write"))?;
     w.into_inner()
         .map_err(|e| Error::io(path, "cannot write", e.into_error()))?
         .sync_all()
-        .map_err(io_err(path, "cannot sync"))
+        .map_err(io_err(path, "cannot sync"))?;
+    Ok(digest)
 }
 
 /// Write `format` of the package into `out_dir`; returns the file written.
@@ -1106,6 +1148,21 @@ pub fn write_package(
     opts: &PackOptions,
     out_dir: &Path,
 ) -> Result<PathBuf> {
+    write_package_digest(format, meta, plan, opts, out_dir).map(|(p, _)| p)
+}
+
+/// [`write_package`], also returning the package's content digest: a
+/// SHA-256 over every entry's name, type, mode, owner, size, link target,
+/// device numbers and content — everything but mtimes — so a rebuild that
+/// only touched timestamps has the same digest.
+pub fn write_package_digest(
+    format: Format,
+    meta: &PackageMeta,
+    plan: &Plan,
+    opts: &PackOptions,
+    out_dir: &Path,
+) -> Result<(PathBuf, [u8; 32])> {
+    let mut digest = [0u8; 32];
     let name = format.file_name(meta);
     let dest = out_dir.join(&name);
     let tmp = out_dir.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -1114,17 +1171,18 @@ pub fn write_package(
         let level = opts.compression;
         let ctl_mtime = opts.source_date_epoch.unwrap_or(0);
         match format {
-            Format::Tar => write_data_tar_gz(&tmp, plan, opts, true)?,
+            Format::Tar => digest = write_data_tar_gz(&tmp, plan, opts, true)?,
             Format::Oci => {
                 let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
-                let w = write_data_tar(std::io::BufWriter::new(f), plan, b"", true, true)?;
+                let (w, d) = write_data_tar(std::io::BufWriter::new(f), plan, b"", true, true)?;
+                digest = d;
                 w.into_inner()
                     .map_err(|e| Error::io(&tmp, "cannot write", e.into_error()))?
                     .sync_all()
                     .map_err(io_err(&tmp, "cannot sync"))?;
             }
             Format::Ipk | Format::Deb | Format::IpkOpenwrt => {
-                write_data_tar_gz(&tmp_data, plan, opts, format != Format::Deb)?;
+                digest = write_data_tar_gz(&tmp_data, plan, opts, format != Format::Deb)?;
                 let data_len = fs::metadata(&tmp_data)
                     .map_err(io_err(&tmp_data, "cannot stat"))?
                     .len();
@@ -1206,7 +1264,7 @@ pub fn write_package(
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map(|()| dest)
+    result.map(|()| (dest, digest))
 }
 
 #[cfg(test)]
