@@ -89,6 +89,16 @@ pub fn version_from_build_dir(build: &Path, pkg: &str) -> Option<String> {
     })
 }
 
+/// `BR2_ARCH` from `$BR2_CONFIG` (the package architecture unless the
+/// config sets one).
+fn br2_arch() -> Option<String> {
+    let text = std::fs::read_to_string(env_path("BR2_CONFIG")?).ok()?;
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix("BR2_ARCH=")?.trim().trim_matches('"');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
 /// `layerpack` with the config the hook uses.
 fn layerpack() -> Command {
     let mut cmd = Command::new(layerpack_bin());
@@ -145,6 +155,9 @@ fn post_script(tree: &Path) -> ExitCode {
     }
     let mut cmd = layerpack();
     cmd.arg("repack").arg(&feed).arg("--root").arg(tree);
+    if let Some(a) = br2_arch() {
+        cmd.arg("--default-arch").arg(a);
+    }
     let done = run(cmd, "repack");
     if done != ExitCode::SUCCESS {
         return done;
@@ -220,6 +233,9 @@ fn main() -> ExitCode {
         }
         "end" => {
             cmd.args(["final", pkg, "--out"]).arg(base.join("feed"));
+            if let Some(a) = br2_arch() {
+                cmd.arg("--default-arch").arg(a);
+            }
             cmd.stdout(std::process::Stdio::null());
         }
         other => return fail(format!("unknown phase '{other}' (expected start or end)")),

@@ -5,6 +5,7 @@
 //! command's status when the command failed. Errors print their whole chain
 //! on one line. `--json` makes stdout JSON Lines.
 
+mod elfdeps;
 mod manifest;
 mod packaging;
 mod progress;
@@ -950,6 +951,8 @@ impl App {
                 ..ledger.get(extra).cloned().unwrap_or_default()
             });
         }
+        let (needs, unresolved) = elfdeps::resolve(&ledger, &root);
+        report.extend(unresolved);
         let mut written = Vec::new();
         let names: Vec<String> = ledger.packages.iter().map(|p| p.name.clone()).collect();
         let empty = layerpack_core::model::ChangeSet::default();
@@ -966,6 +969,9 @@ impl App {
             };
             let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
             p.publish = true;
+            if let Some(deps) = needs.get(name) {
+                p.add_depends(deps);
+            }
             let w = p.compose_and_emit(&mut ledger, name, &empty, &root, &root, feed)?;
             written.extend(w.paths);
             for n in p.notes {

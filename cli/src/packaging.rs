@@ -24,6 +24,10 @@ pub struct PackArgs {
     /// Architecture field (default: all).
     #[arg(long, value_name = "ARCH")]
     pub arch: Option<String>,
+    /// Architecture when neither --arch nor the config gives one (what a
+    /// build system knows, e.g. Buildroot's BR2_ARCH).
+    #[arg(long = "default-arch", value_name = "ARCH", hide = true)]
+    pub default_arch: Option<String>,
     /// Maintainer field.
     #[arg(long, value_name = "TEXT")]
     pub maintainer: Option<String>,
@@ -158,7 +162,11 @@ impl Packaging {
                 .packages
                 .get(s.package)
                 .unwrap_or(&MetaFields::default()))
-            .or(&cfg.package_defaults);
+            .or(&cfg.package_defaults)
+            .or(&MetaFields {
+                architecture: args.default_arch.clone(),
+                ..MetaFields::default()
+            });
         let mut notes = Vec::new();
         let meta = if formats.is_empty() {
             None
@@ -229,6 +237,27 @@ impl Packaging {
             },
             notes,
         })
+    }
+
+    /// Add `names` to the package's `Depends:` (not itself, not twice).
+    pub fn add_depends(&mut self, names: &std::collections::BTreeSet<String>) {
+        if let Some(m) = &mut self.meta {
+            let mut v: Vec<String> = m
+                .depends
+                .iter()
+                .flat_map(|d| d.split(',').map(|x| x.trim().to_string()))
+                .filter(|x| !x.is_empty())
+                .collect();
+            for n in names {
+                let known = v
+                    .iter()
+                    .any(|x| x.split_whitespace().next() == Some(n.as_str()));
+                if *n != m.package && !known {
+                    v.push(n.clone());
+                }
+            }
+            m.depends = (!v.is_empty()).then(|| v.join(", "));
+        }
     }
 
     /// The `Package:` name this package is written as.

@@ -60,7 +60,7 @@ fn packages(at: &Path) -> PathBuf {
         &[],
         r#"set -e; mkdir -p "$TARGET_DIR/usr/lib" "$TARGET_DIR/usr/include" "$TARGET_DIR/usr/share/doc/libfoo"
            printf 'int foo(int x) { return x * 2; }\n' > foo.c
-           cc -g -shared -fPIC -o "$TARGET_DIR/usr/lib/libfoo.so.1" foo.c
+           cc -g -shared -fPIC -Wl,-soname,libfoo.so.1 -o "$TARGET_DIR/usr/lib/libfoo.so.1" foo.c
            ln -sf libfoo.so.1 "$TARGET_DIR/usr/lib/libfoo.so"
            echo "int foo(int);" > "$TARGET_DIR/usr/include/foo.h"
            echo docs > "$TARGET_DIR/usr/share/doc/libfoo/README""#,
@@ -71,7 +71,9 @@ fn packages(at: &Path) -> PathBuf {
         "2.0",
         &["libfoo"],
         r#"set -e; mkdir -p "$TARGET_DIR/usr/bin" "$TARGET_DIR/etc"
-           echo app > "$TARGET_DIR/usr/bin/app"; chmod 4755 "$TARGET_DIR/usr/bin/app"
+           printf 'int foo(int); int main(void) { return foo(1) - 2; }\n' > app.c
+           cc -o "$TARGET_DIR/usr/bin/app" app.c -L"$TARGET_DIR/usr/lib" -lfoo
+           chmod 4755 "$TARGET_DIR/usr/bin/app"
            ln -f "$TARGET_DIR/usr/bin/app" "$TARGET_DIR/usr/bin/app-alias"
            echo "conf=1" > "$TARGET_DIR/etc/app.conf""#,
     );
@@ -149,6 +151,9 @@ fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> Strin
         .stdin(Stdio::null());
     ok(&cmd.output().unwrap())
 }
+
+// dpkg is the oracle here: it calls the architecture amd64 where opkg and
+// Buildroot say x86_64, hence --force-architecture below.
 
 /// Per path: type, mode, owner, content or target. layerpack's own
 /// bookkeeping (`var/lib/layerpack`) and dpkg's database are left out.
@@ -228,21 +233,38 @@ fn build_and_check(ppd: bool) -> Outcome {
     assert_eq!(
         ipks(&feed),
         [
-            "app_2.0_all.ipk",
-            "foo-bar_3.0_all.ipk",
-            "foo_1.0_all.ipk",
-            "gitpkg_0+a1b2c3d_all.ipk",
-            "libfoo_1.2.3_all.ipk",
-            "rootfs-extra_1_all.ipk",
-            "tweak_1_all.ipk",
+            "app_2.0_x86_64.ipk",
+            "foo-bar_3.0_x86_64.ipk",
+            "foo_1.0_x86_64.ipk",
+            "gitpkg_0+a1b2c3d_x86_64.ipk",
+            "libfoo_1.2.3_x86_64.ipk",
+            "rootfs-extra_1_x86_64.ipk",
+            "tweak_1_x86_64.ipk",
         ],
-        "one ipk per target package, versions from the build directories; none for host-tool; what finalize made in rootfs-extra"
+        "one ipk per target package, versions from the build directories, architecture from BR2_ARCH; none for host-tool; what finalize made in rootfs-extra"
+    );
+    let app_ipk = feed.join("app_2.0_x86_64.ipk");
+    let depends = String::from_utf8_lossy(
+        &Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&app_ipk)
+            .arg("Depends")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    assert_eq!(
+        depends, "libfoo",
+        "app's ELF needs libfoo.so.1, which libfoo ships"
     );
     let report = fs::read_to_string(feed.join("report.txt")).unwrap();
     for line in [
         "extra: etc/hostname",
         "extra: etc/shells",
         "edit: tweak changes etc/app.conf (owned by app",
+        "needs: app needs libc.so.6, which no captured package ships",
         "libfoo: usr/include/foo.h: owned by libfoo but no longer in the root",
         "libfoo: usr/share/doc/libfoo/README: owned by libfoo but no longer in the root",
     ] {
@@ -293,7 +315,12 @@ fn build_and_check(ppd: bool) -> Outcome {
             );
             ok(&Command::new("dpkg")
                 .arg(format!("--root={}", device.display()))
-                .args(["--force-script-chrootless", "--no-triggers", "-i"])
+                .args([
+                    "--force-script-chrootless",
+                    "--force-architecture",
+                    "--no-triggers",
+                    "-i",
+                ])
                 .arg(&ipk)
                 .output()
                 .unwrap());
@@ -338,9 +365,9 @@ fn build_and_check(ppd: bool) -> Outcome {
         .filter(|(n, b)| before.get(*n) != Some(b))
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(changed, ["foo_1.0+lp1_all.ipk"], "only foo changed");
+    assert_eq!(changed, ["foo_1.0+lp1_x86_64.ipk"], "only foo changed");
     assert!(
-        !after.contains_key("foo_1.0_all.ipk"),
+        !after.contains_key("foo_1.0_x86_64.ipk"),
         "the feed serves one foo"
     );
     assert_eq!(after.len(), before.len());
@@ -360,7 +387,12 @@ fn build_and_check(ppd: bool) -> Outcome {
             if first.get(name) != Some(bytes) {
                 ok(&Command::new("dpkg")
                     .arg(format!("--root={}", device.display()))
-                    .args(["--force-script-chrootless", "--no-triggers", "-i"])
+                    .args([
+                        "--force-script-chrootless",
+                        "--force-architecture",
+                        "--no-triggers",
+                        "-i",
+                    ])
                     .arg(feed.join(name))
                     .output()
                     .unwrap());
