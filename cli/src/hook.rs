@@ -99,6 +99,16 @@ fn br2_arch() -> Option<String> {
     })
 }
 
+/// Whether `$BR2_CONFIG` enables a rootfs image (`BR2_TARGET_ROOTFS_*=y`):
+/// then a post-fakeroot call follows the post-build one.
+fn image_follows() -> bool {
+    let Some(text) = env_path("BR2_CONFIG").and_then(|c| std::fs::read_to_string(c).ok()) else {
+        return false;
+    };
+    text.lines()
+        .any(|l| l.starts_with("BR2_TARGET_ROOTFS_") && l.ends_with("=y"))
+}
+
 /// `layerpack` with the config the hook uses.
 fn layerpack() -> Command {
     let mut cmd = Command::new(layerpack_bin());
@@ -127,20 +137,15 @@ fn run(mut cmd: Command, what: &str) -> ExitCode {
 }
 
 /// Called as `BR2_ROOTFS_POST_BUILD_SCRIPT` (argument 1: the target
-/// directory, after target-finalize): every captured package is packed
-/// again from the finished tree, what no package installed goes into
-/// `rootfs-extra`, and the feed is indexed.
+/// directory, after target-finalize) or `BR2_ROOTFS_POST_FAKEROOT_SCRIPT`
+/// (argument 1: the image's copy, `FAKEROOTKEY` set): every captured
+/// package is packed again from that tree, what no package installed goes
+/// into `rootfs-extra`, and the feed is indexed.
 fn post_script(tree: &Path) -> ExitCode {
-    if std::env::var_os("FAKEROOTKEY").is_some() {
-        // The image's copy, inside fakeroot: final owners. Not used yet
-        // (fakeroot does not see the raw system calls layerpack makes);
-        // the post-build call already packed the final tree.
-        eprintln!(
-            "layerpack-buildroot-hook: post-fakeroot call: nothing to do (the post-build call packed {})",
-            tree.display()
-        );
-        return ExitCode::SUCCESS;
-    }
+    // As BR2_ROOTFS_POST_FAKEROOT_SCRIPT the tree is the image's copy,
+    // inside fakeroot: the owners and modes it shows are the image's final
+    // ones (the rootfs step's chown, _USERS, _PERMISSIONS, device tables).
+    let in_image = std::env::var_os("FAKEROOTKEY").is_some();
     let Some(base) = env_path("LAYERPACK_BUILDROOT_DIR")
         .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
     else {
@@ -155,6 +160,12 @@ fn post_script(tree: &Path) -> ExitCode {
     }
     let mut cmd = layerpack();
     cmd.arg("repack").arg(&feed).arg("--root").arg(tree);
+    if in_image {
+        cmd.args(["--owners", "keep"]);
+    } else if image_follows() {
+        // The post-fakeroot call packs the final image; publish there.
+        cmd.arg("--provisional");
+    }
     if let Some(a) = br2_arch() {
         cmd.arg("--default-arch").arg(a);
     }

@@ -114,6 +114,10 @@ enum Command {
         /// Its version.
         #[arg(long = "extra-version", value_name = "V", default_value = "1")]
         extra_version: String,
+        /// Write the packages without publishing them (no revision bump,
+        /// nothing recorded): a later repack of the final tree publishes.
+        #[arg(long)]
+        provisional: bool,
         #[command(flatten)]
         pack: packaging::PackArgs,
     },
@@ -327,9 +331,10 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             root,
             extra,
             extra_version,
+            provisional,
             pack,
         } => app
-            .repack(&feed, &root, &extra, &extra_version, &pack)
+            .repack(&feed, &root, &extra, &extra_version, provisional, &pack)
             .map(|()| ExitCode::SUCCESS),
         Command::Selftest { backend, dir } => app.selftest(&backend, dir.as_deref(), userns),
         Command::Apply { package, root } => app.apply(&package, &root).map(|()| ExitCode::SUCCESS),
@@ -898,6 +903,7 @@ impl App {
         root: &Path,
         extra: &str,
         extra_version: &str,
+        provisional: bool,
         pack: &packaging::PackArgs,
     ) -> Result<()> {
         use layerpack_core::ledger::{Ledger, OwnedPath, PackageRecord};
@@ -968,7 +974,7 @@ impl App {
                 records_ownership: false,
             };
             let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
-            p.publish = true;
+            p.publish = !provisional;
             if let Some(deps) = needs.get(name) {
                 p.add_depends(deps);
             }
@@ -1000,15 +1006,19 @@ impl App {
                 records_ownership: false,
             },
         )?;
-        p.save(
-            &ledger,
-            feed,
-            packaging::Written {
-                paths: Vec::new(),
-                counts: Default::default(),
-                routes: Default::default(),
-            },
-        )?;
+        // Provisional: the ledger stays as the captures left it, so the
+        // final repack sees (and reports) everything again.
+        if !provisional {
+            p.save(
+                &ledger,
+                feed,
+                packaging::Written {
+                    paths: Vec::new(),
+                    counts: Default::default(),
+                    routes: Default::default(),
+                },
+            )?;
+        }
         let mut text = report.join("\n");
         text.push('\n');
         let report_path = feed.join("report.txt");

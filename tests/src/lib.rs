@@ -139,6 +139,9 @@ pub const REQUIRE_WORDS: &[&str] = &[
     "script",
     "setcap",
     "getcap",
+    "fakeroot",
+    "cc",
+    "bash",
 ];
 
 /// What to make of a scenario the machine or the backend cannot run.

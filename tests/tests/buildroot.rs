@@ -77,6 +77,17 @@ fn packages(at: &Path) -> PathBuf {
            ln -f "$TARGET_DIR/usr/bin/app" "$TARGET_DIR/usr/bin/app-alias"
            echo "conf=1" > "$TARGET_DIR/etc/app.conf""#,
     );
+    // Its _PERMISSIONS: the image makes the binary setuid-group 100 only.
+    fs::write(
+        p.join("app/permissions"),
+        "/usr/bin/app f 4750 0 100 - - - - -\n",
+    )
+    .unwrap();
+    fs::write(
+        p.join("device_table.txt"),
+        "# the default device table\n/dev/console c 600 0 0 5 1 - - -\n",
+    )
+    .unwrap();
     pkg(
         "tweak",
         "1",
@@ -145,6 +156,7 @@ fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> Strin
         .args(names)
         .env("BR2_INSTRUMENTATION_SCRIPTS", hook_bin())
         .env("BR2_ROOTFS_POST_BUILD_SCRIPT", hook_bin())
+        .env("BR2_ROOTFS_POST_FAKEROOT_SCRIPT", hook_bin())
         .env("LAYERPACK_BIN", layerpack_bin())
         .env_remove("LAYERPACK_CONFIG")
         .env_remove("LAYERPACK_STATE_DIR")
@@ -171,8 +183,11 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             continue;
         }
         let md = e.path().symlink_metadata().unwrap();
+        use std::os::unix::fs::FileTypeExt;
         let what = if md.file_type().is_symlink() {
             format!("-> {}", fs::read_link(e.path()).unwrap().display())
+        } else if md.file_type().is_char_device() || md.file_type().is_block_device() {
+            format!("dev {},{}", md.rdev() >> 8 & 0xfff, md.rdev() & 0xff)
         } else if md.is_file() {
             format!(
                 "{:?}",
@@ -217,12 +232,17 @@ fn ipks(feed: &Path) -> Vec<String> {
 }
 
 fn build_and_check(ppd: bool) -> Outcome {
-    let needs: &[Need] = if nix::unistd::geteuid().is_root() {
-        &[Need::Tool("bash"), Need::Tool("dpkg")]
-    } else {
-        &[Need::Tool("bash")]
-    };
-    if let Some(skip) = missing(needs) {
+    // Root: the oracles install owners and device nodes (dpkg, apply, the
+    // image's tar).
+    let needs = [
+        Need::Root,
+        Need::Tool("bash"),
+        Need::Tool("dpkg"),
+        Need::Tool("fakeroot"),
+        Need::Tool("tar"),
+        Need::Tool("cc"),
+    ];
+    if let Some(skip) = missing(&needs) {
         return skip;
     }
     let d = scratch(if ppd { "ppd" } else { "classic" });
@@ -276,11 +296,19 @@ fn build_and_check(ppd: bool) -> Outcome {
         fs::read_dir(&sessions).map(|r| r.count()).unwrap_or(0) == 0,
         "no session is left open"
     );
-    let target = tree(&o.join("target"));
-    assert!(target.contains_key("usr/bin/app"), "{target:?}");
+    let target = image_tree(&o, &d);
     assert!(target["etc/app.conf"].contains("tweaked=1"), "{target:?}");
+    assert!(
+        target["usr/bin/app"].starts_with("104750 0:100 "),
+        "the image's owners and modes: {}",
+        target["usr/bin/app"]
+    );
+    assert!(
+        target["dev/console"].starts_with("20600 0:0 dev 5,1"),
+        "{target:?}"
+    );
 
-    // The feed, installed in build order onto an empty tree, is the target.
+    // The feed, installed in build order onto an empty tree, is the image.
     let by_apply = d.join("by-apply");
     fs::create_dir(&by_apply).unwrap();
     for p in ALL {
@@ -400,11 +428,27 @@ fn build_and_check(ppd: bool) -> Outcome {
         }
         assert_same(
             "the first feed's device upgraded",
-            &tree(&o.join("target")),
+            &image_tree(&o, &d),
             &tree(&device),
         );
     }
     passed()
+}
+
+/// The image the build wrote (`images/rootfs.tar`, made inside
+/// fakeroot), extracted with its owners.
+fn image_tree(o: &Path, d: &Path) -> BTreeMap<String, String> {
+    let at = d.join("image");
+    let _ = fs::remove_dir_all(&at);
+    fs::create_dir(&at).unwrap();
+    ok(&Command::new("tar")
+        .args(["--same-owner", "--numeric-owner", "-xpf"])
+        .arg(o.join("images/rootfs.tar"))
+        .arg("-C")
+        .arg(&at)
+        .output()
+        .unwrap());
+    tree(&at)
 }
 
 /// Every ipk of the feed and its bytes.
