@@ -161,10 +161,12 @@ fn post_script(tree: &Path) -> ExitCode {
     let mut cmd = layerpack();
     cmd.arg("repack").arg(&feed).arg("--root").arg(tree);
     if in_image {
-        cmd.args(["--owners", "keep"]);
+        cmd.args(["--owners", "keep", "--opkg-db", "auto"]);
     } else if image_follows() {
         // The post-fakeroot call packs the final image; publish there.
         cmd.arg("--provisional");
+    } else {
+        cmd.args(["--opkg-db", "auto"]);
     }
     if let Some(a) = br2_arch() {
         cmd.arg("--default-arch").arg(a);

@@ -118,6 +118,11 @@ enum Command {
         /// nothing recorded): a later repack of the final tree publishes.
         #[arg(long)]
         provisional: bool,
+        /// Write opkg's database (var/lib/opkg/status, info/<pkg>.control
+        /// and .list) into the tree: yes, no, or auto (when the tree
+        /// holds opkg).
+        #[arg(long = "opkg-db", value_name = "WHEN", default_value = "no", value_parser = ["auto", "yes", "no"])]
+        opkg_db: String,
         #[command(flatten)]
         pack: packaging::PackArgs,
     },
@@ -332,9 +337,20 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             extra,
             extra_version,
             provisional,
+            opkg_db,
             pack,
         } => app
-            .repack(&feed, &root, &extra, &extra_version, provisional, &pack)
+            .repack(
+                &feed,
+                &root,
+                &RepackOpts {
+                    extra: &extra,
+                    extra_version: &extra_version,
+                    provisional,
+                    opkg_db: &opkg_db,
+                },
+                &pack,
+            )
             .map(|()| ExitCode::SUCCESS),
         Command::Selftest { backend, dir } => app.selftest(&backend, dir.as_deref(), userns),
         Command::Apply { package, root } => app.apply(&package, &root).map(|()| ExitCode::SUCCESS),
@@ -901,11 +917,17 @@ impl App {
         &self,
         feed: &Path,
         root: &Path,
-        extra: &str,
-        extra_version: &str,
-        provisional: bool,
+        o: &RepackOpts<'_>,
         pack: &packaging::PackArgs,
     ) -> Result<()> {
+        let (extra, extra_version, provisional) = (o.extra, o.extra_version, o.provisional);
+        let opkg_db = match o.opkg_db {
+            "yes" => true,
+            "auto" => ["usr/bin/opkg", "bin/opkg"]
+                .iter()
+                .any(|p| root.join(p).symlink_metadata().is_ok()),
+            _ => false,
+        };
         use layerpack_core::ledger::{Ledger, OwnedPath, PackageRecord};
         use std::os::unix::ffi::OsStrExt;
         layerpack_core::session::validate_package_name(extra)?;
@@ -929,6 +951,10 @@ impl App {
             }
             let rel = e.path().strip_prefix(&root).unwrap_or(e.path());
             let bytes = rel.as_os_str().as_bytes().to_vec();
+            if opkg_db && bytes.starts_with(b"var/lib/opkg/") {
+                // What this command writes itself.
+                continue;
+            }
             if !claimed.contains(&bytes) {
                 unclaimed.push(OwnedPath {
                     path: bytes,
@@ -1018,6 +1044,10 @@ impl App {
                     routes: Default::default(),
                 },
             )?;
+        }
+        if opkg_db {
+            write_opkg_db(&root, &ledger, &written)?;
+            report.push("opkg: var/lib/opkg/status and info/ written into the tree".into());
         }
         let mut text = report.join("\n");
         text.push('\n');
@@ -1126,6 +1156,96 @@ impl App {
 }
 
 /// Carry an output error through the core's error type.
+/// How `repack` treats what is not a captured package.
+struct RepackOpts<'a> {
+    extra: &'a str,
+    extra_version: &'a str,
+    provisional: bool,
+    opkg_db: &'a str,
+}
+
+/// opkg's database for the packages just written, as if opkg had
+/// installed them into `root`: `var/lib/opkg/status` (each package's
+/// control stanza marked installed) and `var/lib/opkg/info/<pkg>.control`
+/// and `.list` (the paths it installed, one per line).
+fn write_opkg_db(
+    root: &Path,
+    ledger: &layerpack_core::ledger::Ledger,
+    written: &[PathBuf],
+) -> Result<()> {
+    use layerpack_core::model::RelPath;
+    let tree = layerpack_core::beneath::Beneath::open(root)?;
+    let installed_at = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
+    let mut status = String::new();
+    for ipk in written
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ipk"))
+    {
+        let bytes = std::fs::read(ipk).with_context(|| format!("cannot read {}", ipk.display()))?;
+        let control = layerpack_core::pack::feed::read_control(&bytes)
+            .ok_or_else(|| anyhow!("{}: no control file", ipk.display()))?;
+        let fields = layerpack_core::pack::feed::parse_control(&control)
+            .map_err(|why| anyhow!("{}: {why}", ipk.display()))?;
+        let Some(package) = fields
+            .iter()
+            .find(|(k, _)| k == "Package")
+            .map(|f| f.1.clone())
+        else {
+            continue;
+        };
+        let mut stanza = control.trim_end().to_string();
+        stanza.push_str(&format!(
+            "\nStatus: install user installed\nInstalled-Time: {installed_at}\n\n"
+        ));
+        status.push_str(&stanza);
+        let info =
+            |ext: &str| RelPath::parse(format!("var/lib/opkg/info/{package}.{ext}").as_bytes());
+        let write = |rel: std::result::Result<RelPath, _>, data: &[u8]| -> Result<()> {
+            let rel = rel.map_err(|why| anyhow!("{package}: {why}"))?;
+            tree.write_file(&rel, data, 0o644)
+                .with_context(|| format!("cannot write {}", rel.under(root).display()))
+        };
+        write(info("control"), control.as_bytes())?;
+        let mut list = Vec::new();
+        if let Some(rec) = ledger
+            .packages
+            .iter()
+            .find(|r| r.package.as_deref() == Some(&package))
+        {
+            for f in rec.files.iter().filter(|f| f.kind != "dir") {
+                list.push(b'/');
+                list.extend_from_slice(&f.path);
+                list.push(b'\n');
+            }
+            for e in rec.edits.iter().filter(|e| !e.deleted) {
+                if let Ok(p) = RelPath::parse(&e.path) {
+                    list.push(b'/');
+                    list.extend_from_slice(
+                        layerpack_core::pack::private_path(&package, &p).as_bytes(),
+                    );
+                    list.push(b'\n');
+                }
+            }
+        }
+        write(info("list"), &list)?;
+    }
+    tree.write_file(
+        &RelPath::from("var/lib/opkg/status"),
+        status.as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("cannot write {}/var/lib/opkg/status", root.display()))?;
+    Ok(())
+}
+
 fn core_err(e: anyhow::Error) -> layerpack_core::Error {
     layerpack_core::Error::new(layerpack_core::ErrorKind::Io, format!("{e:#}"))
 }

@@ -172,6 +172,33 @@ impl Beneath {
         open_child_dir(pfd.as_fd(), rel.file_name(), true)
     }
 
+    /// Replace the regular file `rel` with `data` (written under a
+    /// temporary name, then renamed; directories created as needed, no
+    /// symlink followed on the way).
+    pub fn write_file(&self, rel: &RelPath, data: &[u8], mode: u32) -> io::Result<()> {
+        use std::io::Write;
+        let dir = self.dir_create(&rel.parent().unwrap_or_default(), Follow::Nothing)?;
+        let tmp = format!(".layerpack-write-{}", std::process::id());
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        let mut f = std::fs::File::from(fd);
+        let done = f
+            .write_all(data)
+            .and_then(|()| rustix::fs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(Into::into))
+            .and_then(|()| {
+                rustix::fs::renameat(&dir, tmp.as_str(), &dir, os(rel.file_name()))
+                    .map_err(Into::into)
+            });
+        if done.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        }
+        done
+    }
+
     /// The parent directory of `rel` and its last component.
     /// `Ok(None)` when the parent does not exist (see [`Beneath::dir`]).
     pub fn parent<'p>(

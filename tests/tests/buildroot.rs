@@ -107,6 +107,14 @@ fn packages(at: &Path) -> PathBuf {
         &[],
         r#"set -e; mkdir -p "$TARGET_DIR/usr/share/git"; echo g > "$TARGET_DIR/usr/share/git/g""#,
     );
+    // The package manager itself: its presence in the image asks for the
+    // opkg database.
+    pkg(
+        "opkg",
+        "0.6.3",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/bin"; printf '#!/bin/sh\n' > "$TARGET_DIR/usr/bin/opkg"; chmod 755 "$TARGET_DIR/usr/bin/opkg""#,
+    );
     pkg(
         "foo-bar",
         "3.0",
@@ -124,6 +132,7 @@ fn packages(at: &Path) -> PathBuf {
 
 /// The packages in the feed, in the order a device installs them.
 const ALL: &[&str] = &[
+    "opkg",
     "libfoo",
     "app",
     "tweak",
@@ -134,6 +143,7 @@ const ALL: &[&str] = &[
 ];
 
 const ORDER: &[&str] = &[
+    "opkg",
     "host-tool",
     "libfoo",
     "app",
@@ -258,6 +268,7 @@ fn build_and_check(ppd: bool) -> Outcome {
             "foo_1.0_x86_64.ipk",
             "gitpkg_0+a1b2c3d_x86_64.ipk",
             "libfoo_1.2.3_x86_64.ipk",
+            "opkg_0.6.3_x86_64.ipk",
             "rootfs-extra_1_x86_64.ipk",
             "tweak_1_x86_64.ipk",
         ],
@@ -307,6 +318,22 @@ fn build_and_check(ppd: bool) -> Outcome {
         target["dev/console"].starts_with("20600 0:0 dev 5,1"),
         "{target:?}"
     );
+
+    // The image holds opkg's database: every package installed.
+    let image = d.join("image");
+    let status = fs::read_to_string(image.join("var/lib/opkg/status")).unwrap();
+    for p in ALL {
+        assert!(
+            status.contains(&format!("Package: {p}\n")),
+            "{p} not in the image's opkg status:\n{status}"
+        );
+    }
+    assert!(
+        status.contains("Status: install user installed"),
+        "{status}"
+    );
+    let list = fs::read_to_string(image.join("var/lib/opkg/info/app.list")).unwrap();
+    assert!(list.contains("/usr/bin/app\n"), "{list}");
 
     // The feed, installed in build order onto an empty tree, is the image.
     let by_apply = d.join("by-apply");
