@@ -107,6 +107,30 @@ fn packages(at: &Path) -> PathBuf {
         &[],
         r#"set -e; mkdir -p "$TARGET_DIR/usr/share/git"; echo g > "$TARGET_DIR/usr/share/git/g""#,
     );
+    // A virtual package (installs nothing), a local one (rsync step), and
+    // one that sed -i's and deletes its dependencies' files: in PPD mode
+    // both are undone by the merge (a new inode, and a file the
+    // dependency's tree still has), in classic mode both stick; the feed
+    // follows the image either way.
+    pkg("zlib", "1", &[], "true");
+    let local = pkg(
+        "localpkg",
+        "1.0",
+        &[],
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/local"; echo l > "$TARGET_DIR/usr/share/local/l""#,
+    );
+    fs::write(local.join("local"), "").unwrap();
+    pkg(
+        "cleaner",
+        "1",
+        &["foo-bar", "foo"],
+        r#"set -e; sed -i 's/fb/FB/' "$TARGET_DIR/usr/share/foo-bar/x"; rm "$TARGET_DIR/usr/share/foo/x""#,
+    );
+    fs::write(
+        p.join("app/users"),
+        "appuser -1 appgroup -1 * /var/app /bin/false - App user\n",
+    )
+    .unwrap();
     // The package manager itself: its presence in the image asks for the
     // opkg database.
     pkg(
@@ -132,6 +156,8 @@ fn packages(at: &Path) -> PathBuf {
 
 /// The packages in the feed, in the order a device installs them.
 const ALL: &[&str] = &[
+    "zlib",
+    "localpkg",
     "opkg",
     "libfoo",
     "app",
@@ -139,10 +165,13 @@ const ALL: &[&str] = &[
     "gitpkg",
     "foo-bar",
     "foo",
+    "cleaner",
     "rootfs-extra",
 ];
 
 const ORDER: &[&str] = &[
+    "zlib",
+    "localpkg",
     "opkg",
     "host-tool",
     "libfoo",
@@ -151,6 +180,7 @@ const ORDER: &[&str] = &[
     "gitpkg",
     "foo-bar",
     "foo",
+    "cleaner",
 ];
 
 fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> String {
@@ -264,13 +294,16 @@ fn build_and_check(ppd: bool) -> Outcome {
         ipks(&feed),
         [
             "app_2.0_x86_64.ipk",
+            "cleaner_1_x86_64.ipk",
             "foo-bar_3.0_x86_64.ipk",
             "foo_1.0_x86_64.ipk",
             "gitpkg_0+a1b2c3d_x86_64.ipk",
             "libfoo_1.2.3_x86_64.ipk",
+            "localpkg_1.0_x86_64.ipk",
             "opkg_0.6.3_x86_64.ipk",
             "rootfs-extra_1_x86_64.ipk",
             "tweak_1_x86_64.ipk",
+            "zlib_1_x86_64.ipk",
         ],
         "one ipk per target package, versions from the build directories, architecture from BR2_ARCH; none for host-tool; what finalize made in rootfs-extra"
     );
@@ -294,6 +327,7 @@ fn build_and_check(ppd: bool) -> Outcome {
     for line in [
         "extra: etc/hostname",
         "extra: etc/shells",
+        "extra: etc/passwd",
         "edit: tweak changes etc/app.conf (owned by app",
         "needs: app needs libc.so.6, which no captured package ships",
         "libfoo: usr/include/foo.h: owned by libfoo but no longer in the root",
@@ -404,30 +438,37 @@ fn build_and_check(ppd: bool) -> Outcome {
         assert!(listed.contains(f), "{f} missing after reinstall:\n{listed}");
     }
 
-    // A source change in one package, then make foo-rebuild: exactly that
-    // package gets a new version (same upstream version, next revision);
-    // every other package keeps its version and bytes.
+    // A source change in one package no other package touches, then make
+    // gitpkg-rebuild: exactly that package gets a new version (same
+    // upstream version, next revision); every other package keeps its
+    // version and bytes. (A rebuild of a package another one edits can
+    // change that one too: foo's rebuild brings back the file cleaner
+    // deleted, in classic mode.)
     let before = feed_bytes(&feed);
     fs::write(
-        pkgs.join("foo/install"),
-        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/foo"; echo f2 > "$TARGET_DIR/usr/share/foo/x""#,
+        pkgs.join("gitpkg/install"),
+        r#"set -e; mkdir -p "$TARGET_DIR/usr/share/git"; echo g2 > "$TARGET_DIR/usr/share/git/g""#,
     )
     .unwrap();
-    br(&o, &pkgs, ppd, &["--reinstall"], &["foo"]);
+    br(&o, &pkgs, ppd, &["--reinstall"], &["gitpkg"]);
     let after = feed_bytes(&feed);
     let changed: Vec<&String> = after
         .iter()
         .filter(|(n, b)| before.get(*n) != Some(b))
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(changed, ["foo_1.0+lp1_x86_64.ipk"], "only foo changed");
+    assert_eq!(
+        changed,
+        ["gitpkg_0+a1b2c3d+lp1_x86_64.ipk"],
+        "only gitpkg changed"
+    );
     assert!(
-        !after.contains_key("foo_1.0_x86_64.ipk"),
-        "the feed serves one foo"
+        !after.contains_key("gitpkg_0+a1b2c3d_x86_64.ipk"),
+        "the feed serves one gitpkg"
     );
     assert_eq!(after.len(), before.len());
     // Nothing changed: nothing new.
-    br(&o, &pkgs, ppd, &["--reinstall"], &["foo"]);
+    br(&o, &pkgs, ppd, &["--reinstall"], &["gitpkg"]);
     assert_eq!(
         feed_bytes(&feed),
         after,
