@@ -48,6 +48,13 @@ fn layerpack_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("layerpack"))
 }
 
+/// Where state and feed live: `LAYERPACK_BUILDROOT_DIR`, else
+/// `$BASE_DIR/layerpack`.
+fn layerpack_dir() -> Option<PathBuf> {
+    env_path("LAYERPACK_BUILDROOT_DIR")
+        .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
+}
+
 /// Whether `pkg` with this `TARGET_DIR` is a host package.
 fn is_host(pkg: &str, target: &Path) -> bool {
     if pkg.starts_with("host-") {
@@ -146,9 +153,7 @@ fn post_script(tree: &Path) -> ExitCode {
     // inside fakeroot: the owners and modes it shows are the image's final
     // ones (the rootfs step's chown, _USERS, _PERMISSIONS, device tables).
     let in_image = std::env::var_os("FAKEROOTKEY").is_some();
-    let Some(base) = env_path("LAYERPACK_BUILDROOT_DIR")
-        .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
-    else {
+    let Some(base) = layerpack_dir() else {
         return fail("neither LAYERPACK_BUILDROOT_DIR nor BASE_DIR is set");
     };
     let feed = base.join("feed");
@@ -213,9 +218,7 @@ fn main() -> ExitCode {
     if is_host(pkg, &target) {
         return ExitCode::SUCCESS;
     }
-    let Some(base) = env_path("LAYERPACK_BUILDROOT_DIR")
-        .or_else(|| env_path("BASE_DIR").map(|b| b.join("layerpack")))
-    else {
+    let Some(base) = layerpack_dir() else {
         return fail("neither LAYERPACK_BUILDROOT_DIR nor BASE_DIR is set");
     };
     let mut cmd = layerpack();

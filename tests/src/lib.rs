@@ -270,3 +270,121 @@ macro_rules! test_main {
 
 #[doc(hidden)]
 pub use libtest_mimic;
+
+/// A fresh scratch directory `<kind>-<name>-<pid>` under `tmp` (a test's
+/// `CARGO_TARGET_TMPDIR`).
+pub fn scratch_dir(tmp: &str, kind: &str, name: &str) -> std::path::PathBuf {
+    let d = std::path::PathBuf::from(tmp).join(format!("{kind}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch directory");
+    d
+}
+
+/// Panic with the output unless the command succeeded; its stdout and
+/// stderr.
+pub fn expect_ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// What an install can change in a tree, per path (relative, text): type
+/// bits and mode, owner, group, and the content, link target or device
+/// numbers. Directory times are not compared (every package manager
+/// touches them); paths for which `skip` says so are left out.
+pub fn tree_summary(
+    root: &std::path::Path,
+    skip: impl Fn(&str) -> bool,
+) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = std::collections::BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let e = e.expect("walk");
+        let name = e
+            .path()
+            .strip_prefix(root)
+            .expect("under the root")
+            .to_string_lossy()
+            .into_owned();
+        if skip(&name) {
+            continue;
+        }
+        let md = e.path().symlink_metadata().expect("lstat");
+        let ft = md.file_type();
+        let what = if ft.is_symlink() {
+            format!(
+                "-> {}",
+                std::fs::read_link(e.path()).expect("readlink").display()
+            )
+        } else if ft.is_char_device() || ft.is_block_device() {
+            format!("dev {},{}", md.rdev() >> 8 & 0xfff, md.rdev() & 0xff)
+        } else if md.is_file() {
+            format!(
+                "{:?}",
+                String::from_utf8_lossy(&std::fs::read(e.path()).expect("read"))
+            )
+        } else {
+            "dir".into()
+        };
+        out.insert(
+            name,
+            format!("{:o} {}:{} {what}", md.mode(), md.uid(), md.gid()),
+        );
+    }
+    out
+}
+
+/// Panic, listing every difference, unless the two summaries are equal.
+pub fn assert_same_trees(
+    what: &str,
+    want: &std::collections::BTreeMap<String, String>,
+    got: &std::collections::BTreeMap<String, String>,
+) {
+    let mut diff = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(g) if g == v => {}
+            Some(g) => diff.push(format!("{k}: want {v}, got {g}")),
+            None => diff.push(format!("{k}: want {v}, missing")),
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            diff.push(format!("{k}: unexpected ({g})"));
+        }
+    }
+    assert!(diff.is_empty(), "{what}:\n{}", diff.join("\n"));
+}
+
+/// `dpkg --root=<root> --force-script-chrootless --no-triggers <args>`
+/// (`--force-architecture` too: dpkg calls x86_64 amd64).
+pub fn dpkg_in(root: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "--force-script-chrootless",
+            "--force-architecture",
+            "--no-triggers",
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("dpkg (declared as needed)")
+}
+
+/// A root dpkg can install into: its database directories, nothing else.
+pub fn dpkg_skeleton(at: &std::path::Path) {
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        std::fs::create_dir_all(at.join(d)).expect("dpkg database directory");
+    }
+    std::fs::write(at.join("var/lib/dpkg/status"), b"").expect("dpkg status");
+}

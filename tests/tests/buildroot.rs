@@ -10,29 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use layerpack_tests::{hook_bin, layerpack_bin, missing, passed, Need, Outcome};
+use layerpack_tests::{
+    assert_same_trees, dpkg_in, dpkg_skeleton, expect_ok, hook_bin, layerpack_bin, missing, passed,
+    scratch_dir, tree_summary, Need, Outcome,
+};
 
 fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("br-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir(env!("CARGO_TARGET_TMPDIR"), "br", name)
 }
 
 fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    expect_ok(o)
 }
 
 /// The packages of the test build: a library installed to staging too,
@@ -204,61 +195,24 @@ fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> Strin
     ok(&cmd.output().unwrap())
 }
 
-// dpkg is the oracle here: it calls the architecture amd64 where opkg and
-// Buildroot say x86_64, hence --force-architecture below.
-
-/// Per path: type, mode, owner, content or target. layerpack's own
-/// bookkeeping (`var/lib/layerpack`) and dpkg's database are left out.
+/// The tree as a device sees it: `var` (dpkg's and opkg's databases,
+/// layerpack's bookkeeping) left out.
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
-        let e = e.unwrap();
-        let name = e
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        if name.starts_with("var") {
-            continue;
-        }
-        let md = e.path().symlink_metadata().unwrap();
-        use std::os::unix::fs::FileTypeExt;
-        let what = if md.file_type().is_symlink() {
-            format!("-> {}", fs::read_link(e.path()).unwrap().display())
-        } else if md.file_type().is_char_device() || md.file_type().is_block_device() {
-            format!("dev {},{}", md.rdev() >> 8 & 0xfff, md.rdev() & 0xff)
-        } else if md.is_file() {
-            format!(
-                "{:?}",
-                String::from_utf8_lossy(&fs::read(e.path()).unwrap())
-            )
-        } else {
-            "dir".into()
-        };
-        out.insert(
-            name,
-            format!("{:o} {}:{} {what}", md.mode(), md.uid(), md.gid()),
-        );
-    }
-    out
+    tree_summary(root, |n| n.starts_with("var"))
 }
 
 fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
-    let mut diff = Vec::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(g) if g == v => {}
-            Some(g) => diff.push(format!("{k}: target {v}, installed {g}")),
-            None => diff.push(format!("{k}: target {v}, not installed")),
-        }
-    }
-    for (k, g) in got {
-        if !want.contains_key(k) {
-            diff.push(format!("{k}: installed only ({g})"));
-        }
-    }
-    assert!(diff.is_empty(), "{what}:\n{}", diff.join("\n"));
+    assert_same_trees(what, want, got)
+}
+
+/// The feed's file for package `p`.
+fn ipk_of(feed: &Path, p: &str) -> PathBuf {
+    feed.join(
+        ipks(feed)
+            .into_iter()
+            .find(|n| n.starts_with(&format!("{p}_")))
+            .unwrap_or_else(|| panic!("no ipk for {p}")),
+    )
 }
 
 fn ipks(feed: &Path) -> Vec<String> {
@@ -373,15 +327,9 @@ fn build_and_check(ppd: bool) -> Outcome {
     let by_apply = d.join("by-apply");
     fs::create_dir(&by_apply).unwrap();
     for p in ALL {
-        let ipk = feed.join(
-            ipks(&feed)
-                .into_iter()
-                .find(|n| n.starts_with(&format!("{p}_")))
-                .unwrap(),
-        );
         ok(&Command::new(layerpack_bin())
             .arg("apply")
-            .arg(&ipk)
+            .arg(ipk_of(&feed, p))
             .arg("--root")
             .arg(&by_apply)
             .output()
@@ -389,31 +337,16 @@ fn build_and_check(ppd: bool) -> Outcome {
     }
     assert_same("layerpack apply of the feed", &target, &tree(&by_apply));
 
-    if nix::unistd::geteuid().is_root() {
-        let device = d.join("by-dpkg");
-        for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
-            fs::create_dir_all(device.join(sub)).unwrap();
-        }
-        fs::write(device.join("var/lib/dpkg/status"), "").unwrap();
-        for p in ALL {
-            let ipk = feed.join(
-                ipks(&feed)
-                    .into_iter()
-                    .find(|n| n.starts_with(&format!("{p}_")))
-                    .unwrap(),
-            );
-            ok(&Command::new("dpkg")
-                .arg(format!("--root={}", device.display()))
-                .args([
-                    "--force-script-chrootless",
-                    "--force-architecture",
-                    "--no-triggers",
-                    "-i",
-                ])
-                .arg(&ipk)
-                .output()
-                .unwrap());
-        }
+    // The root check above makes these run.
+    let device = d.join("by-dpkg");
+    dpkg_skeleton(&device);
+    for p in ALL {
+        ok(&dpkg_in(
+            &device,
+            &["-i", ipk_of(&feed, p).to_str().unwrap()],
+        ));
+    }
+    {
         assert_same("dpkg -i of the feed", &target, &tree(&device));
     }
 
@@ -477,21 +410,13 @@ fn build_and_check(ppd: bool) -> Outcome {
 
     // The device made from the first feed, upgraded with what changed,
     // is the new target.
-    if nix::unistd::geteuid().is_root() {
-        let device = d.join("by-dpkg");
+    {
         for (name, bytes) in &after {
             if first.get(name) != Some(bytes) {
-                ok(&Command::new("dpkg")
-                    .arg(format!("--root={}", device.display()))
-                    .args([
-                        "--force-script-chrootless",
-                        "--force-architecture",
-                        "--no-triggers",
-                        "-i",
-                    ])
-                    .arg(feed.join(name))
-                    .output()
-                    .unwrap());
+                ok(&dpkg_in(
+                    &device,
+                    &["-i", feed.join(name).to_str().unwrap()],
+                ));
             }
         }
         assert_same(

@@ -14,25 +14,17 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use layerpack_tests::{layerpack_bin, missing, passed, Need, Outcome};
+use layerpack_tests::{
+    assert_same_trees, dpkg_in, dpkg_skeleton, expect_ok, layerpack_bin, missing, passed,
+    scratch_dir, tree_summary, Need, Outcome,
+};
 
 fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("dpkg-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir(env!("CARGO_TARGET_TMPDIR"), "dpkg", name)
 }
 
 fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    expect_ok(o)
 }
 
 /// `layerpack run <pkg> --root root --out out <opts> -- sh -c <script>` in `dir`.
@@ -57,80 +49,24 @@ fn capture(dir: &Path, pkg: &str, opts: &[&str], script: &str) -> String {
         .unwrap())
 }
 
-/// `dpkg --root=<device> --force-script-chrootless <args>`.
 fn dpkg(device: &Path, args: &[&str]) -> Output {
-    Command::new("dpkg")
-        .arg(format!("--root={}", device.display()))
-        .args(["--force-script-chrootless", "--no-triggers"])
-        .args(args)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    dpkg_in(device, args)
 }
 
-/// A root dpkg can install into: its database directories and nothing
-/// else. The build root starts from the same tree.
 fn device_skeleton(at: &Path) {
-    for d in [
-        "var/lib/dpkg/info",
-        "var/lib/dpkg/updates",
-        "var/lib/dpkg/triggers",
-    ] {
-        fs::create_dir_all(at.join(d)).unwrap();
-    }
-    fs::write(at.join("var/lib/dpkg/status"), b"").unwrap();
+    dpkg_skeleton(at)
 }
 
-/// Everything a tree holds that an install can change: per path, type,
-/// mode, owner, group, and content or link target. dpkg's own database
-/// and layerpack's bookkeeping (`var/lib/layerpack`, compared
-/// separately) are left out; directory times are not compared (every
-/// package manager touches them).
+/// The tree without dpkg's own database and layerpack's bookkeeping
+/// (`var/lib/layerpack`, checked separately).
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for e in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let e = e.unwrap();
-        let rel = e.path().strip_prefix(root).unwrap();
-        let name = rel.to_string_lossy().into_owned();
-        if name.starts_with("var/lib/dpkg/") || name.starts_with("var/lib/layerpack") {
-            continue;
-        }
-        let md = e.path().symlink_metadata().unwrap();
-        let what = if md.file_type().is_symlink() {
-            format!("-> {}", fs::read_link(e.path()).unwrap().display())
-        } else if md.is_file() {
-            format!(
-                "{:?}",
-                String::from_utf8_lossy(&fs::read(e.path()).unwrap())
-            )
-        } else {
-            "dir".into()
-        };
-        out.insert(
-            name,
-            format!("{:o} {}:{} {what}", md.mode(), md.uid(), md.gid()),
-        );
-    }
-    out
+    tree_summary(root, |n| {
+        n.starts_with("var/lib/dpkg/") || n.starts_with("var/lib/layerpack")
+    })
 }
 
 fn same_tree(what: &str, want: &BTreeMap<String, String>, device: &Path) {
-    let got = tree(device);
-    let mut diff = Vec::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(g) if g == v => {}
-            Some(g) => diff.push(format!("{k}: build {v}, device {g}")),
-            None => diff.push(format!("{k}: build {v}, missing on the device")),
-        }
-    }
-    for (k, g) in &got {
-        if !want.contains_key(k) {
-            diff.push(format!("{k}: only on the device ({g})"));
-        }
-    }
-    assert!(diff.is_empty(), "{what}:\n{}", diff.join("\n"));
+    assert_same_trees(what, want, &tree(device))
 }
 
 fn dpkg_deb_list(ipk: &Path) -> String {
