@@ -43,7 +43,11 @@ pub fn resolve(ledger: &Ledger, root: &Path) -> (BTreeMap<String, BTreeSet<Strin
     let mut provider: BTreeMap<String, String> = BTreeMap::new();
     let mut needs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in &ledger.packages {
-        for f in p.files.iter().filter(|f| f.kind != "dir") {
+        for f in p
+            .files
+            .iter()
+            .filter(|f| f.kind != layerpack_core::model::FileKind::Dir)
+        {
             let Ok(rel) = RelPath::parse(&f.path) else {
                 continue;
             };
@@ -51,7 +55,7 @@ pub fn resolve(ledger: &Ledger, root: &Path) -> (BTreeMap<String, BTreeSet<Strin
             if name.contains(".so") {
                 provider.entry(name).or_insert_with(|| p.name.clone());
             }
-            if f.kind != "file" {
+            if f.kind != layerpack_core::model::FileKind::File {
                 continue;
             }
             let Some(info) = read(&rel.under(root)) else {

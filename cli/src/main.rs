@@ -959,11 +959,10 @@ impl App {
                 unclaimed.push(OwnedPath {
                     path: bytes,
                     kind: if e.path_is_symlink() {
-                        "symlink"
+                        layerpack_core::model::FileKind::Symlink
                     } else {
-                        "file"
-                    }
-                    .into(),
+                        layerpack_core::model::FileKind::File
+                    },
                     sha256: None,
                 });
             }
@@ -1220,7 +1219,11 @@ fn write_opkg_db(
             .iter()
             .find(|r| r.package.as_deref() == Some(&package))
         {
-            for f in rec.files.iter().filter(|f| f.kind != "dir") {
+            for f in rec
+                .files
+                .iter()
+                .filter(|f| f.kind != layerpack_core::model::FileKind::Dir)
+            {
                 list.push(b'/');
                 list.extend_from_slice(&f.path);
                 list.push(b'\n');

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use layerpack_core::jsonbytes::to_json;
-use std::collections::BTreeMap;
-
-use layerpack_core::model::{Change, ChangeKind, ChangeSet, RelPath};
+use layerpack_core::model::{Change, ChangeKind, ChangeSet};
 use layerpack_core::session::write_atomic_with;
 use layerpack_core::tree::hex;
 use serde::Serialize;
@@ -132,17 +130,23 @@ pub fn write_changes_json(
     backend: &str,
     root: &Path,
     cs: &ChangeSet,
-    routes: &BTreeMap<RelPath, &'static str>,
+    routes: &[&'static str],
 ) -> Result<std::path::PathBuf> {
     /// The changes, serialized one record at a time as they are written:
     /// the document is never in memory whole.
-    struct Changes<'a>(&'a ChangeSet, &'a BTreeMap<RelPath, &'static str>);
+    struct Changes<'a>(&'a ChangeSet, &'a [&'static str]);
     impl Serialize for Changes<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.changes().iter().map(|c| ChangeRecord {
-                route: self.1.get(&c.path).copied(),
-                ..ChangeRecord::of(c)
-            }))
+            s.collect_seq(
+                self.0
+                    .changes()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ChangeRecord {
+                        route: self.1.get(i).copied(),
+                        ..ChangeRecord::of(c)
+                    }),
+            )
         }
     }
     #[derive(Serialize)]

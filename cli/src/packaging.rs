@@ -346,7 +346,7 @@ impl Packaging {
             };
             meta.replaces = join(&meta.replaces, &c.replaces);
             meta.depends = join(&meta.depends, &c.depends);
-            let mut plan = Plan::build(c.items.clone(), layer, base, &self.opts)?;
+            let mut plan = Plan::build(std::mem::take(&mut c.items), layer, base, &self.opts)?;
             plan.deletions = c.deletions.clone();
             plan.edits = c.edits.clone();
             self.notes.extend(plan.warnings.iter().cloned());
@@ -410,7 +410,7 @@ impl Packaging {
         Ok(Written {
             paths: written,
             counts: c.counts,
-            routes: c.routes.into_iter().map(|(p, r)| (p, r.as_str())).collect(),
+            routes: c.routes.into_iter().map(|r| r.as_str()).collect(),
         })
     }
 
@@ -490,5 +490,5 @@ pub struct Written {
     /// Which route the package's entries took.
     pub counts: Counts,
     /// The route of each change (for `changes.json`).
-    pub routes: std::collections::BTreeMap<layerpack_core::model::RelPath, &'static str>,
+    pub routes: Vec<&'static str>,
 }

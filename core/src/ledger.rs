@@ -24,7 +24,51 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{escape_bytes, RelPath};
+use crate::model::{escape_bytes, FileKind, RelPath};
+
+/// serde for a [`FileKind`] as its manifest name.
+mod kind_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::model::FileKind;
+
+    pub fn serialize<S: Serializer>(k: &FileKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(k.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FileKind, D::Error> {
+        let t = String::deserialize(d)?;
+        FileKind::parse(&t).ok_or_else(|| D::Error::custom(format!("unknown type {t:?}")))
+    }
+}
+
+/// serde for an optional SHA-256 as 64 hex digits.
+mod hex_hash {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.serialize_str(&crate::tree::hex(h)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(t) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bad = || D::Error::custom(format!("not a SHA-256: {t:?}"));
+        if t.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(t.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(Some(out))
+    }
+}
 use crate::session::{lock_file, write_atomic, write_atomic_with, LockGuard};
 use crate::{Error, ErrorKind, Result};
 
@@ -42,13 +86,13 @@ pub struct OwnedPath {
     /// The path, relative to the root.
     #[serde(with = "crate::jsonbytes::bytes")]
     pub path: Vec<u8>,
-    /// Its type (`file`, `dir`, `symlink`, …).
-    #[serde(rename = "type")]
-    pub kind: String,
+    /// Its type (`file`, `dir`, `symlink`, … in the file).
+    #[serde(rename = "type", with = "kind_text")]
+    pub kind: FileKind,
     /// SHA-256 of a regular file's content when the package last shipped
-    /// it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
+    /// it (hex in the file).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_hash")]
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// An edit a package made to a path it does not own.
@@ -111,13 +155,21 @@ impl Published {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LedgerFile {
     format: u32,
     /// The roots captured into this feed, in first-use order.
     roots: Vec<serde_json::Value>,
     packages: Vec<PackageRecord>,
+}
+
+/// [`LedgerFile`] as written: borrowed, so saving copies nothing.
+#[derive(Serialize)]
+struct LedgerOut<'a> {
+    format: u32,
+    roots: Vec<serde_json::Value>,
+    packages: &'a [PackageRecord],
 }
 
 /// An open, locked ledger.
@@ -241,7 +293,7 @@ impl Ledger {
                 path.as_bytes().to_vec(),
                 OwnedPath {
                     path: path.as_bytes().to_vec(),
-                    kind: "file".into(),
+                    kind: FileKind::File,
                     sha256: None,
                 },
             );
@@ -303,14 +355,14 @@ impl Ledger {
     /// paths that cannot be written in the line-based list (a newline in
     /// the name), per package.
     pub fn save(&self) -> Result<Vec<(String, String)>> {
-        let doc = LedgerFile {
+        let doc = LedgerOut {
             format: LEDGER_FORMAT,
             roots: self
                 .roots
                 .iter()
                 .map(|r| crate::jsonbytes::to_json(r.as_os_str().as_encoded_bytes()))
                 .collect(),
-            packages: self.packages.clone(),
+            packages: &self.packages,
         };
         write_atomic_with(&self.path, |w| {
             serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::from)?;
@@ -319,7 +371,7 @@ impl Ledger {
         let mut text = Vec::new();
         let mut unlisted = Vec::new();
         for p in &self.packages {
-            for f in p.files.iter().filter(|f| f.kind != "dir") {
+            for f in p.files.iter().filter(|f| f.kind != FileKind::Dir) {
                 if f.path.contains(&b'\n') {
                     unlisted.push((p.name.clone(), escape_bytes(&f.path)));
                     continue;
@@ -364,7 +416,7 @@ mod tests {
         let mut rec = l.get("a").unwrap().clone();
         rec.files.push(OwnedPath {
             path: b"odd\nname".to_vec(),
-            kind: "file".into(),
+            kind: FileKind::File,
             sha256: None,
         });
         l.set(rec);

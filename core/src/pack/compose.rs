@@ -21,7 +21,7 @@ use std::path::Path;
 use super::{private_path, Edit, Item, Source};
 use crate::ledger::{EditRecord, Ledger, OwnedPath, PackageRecord};
 use crate::model::{ChangeKind, ChangeSet, FileKind, RelPath};
-use crate::tree::{hex, Record};
+use crate::tree::Record;
 use crate::{Error, ErrorKind, Result};
 
 /// What to do with an edit to a path the package does not own
@@ -125,8 +125,8 @@ pub struct Composition {
     pub record: PackageRecord,
     /// The routes taken, counted.
     pub counts: Counts,
-    /// The route of each change of the layer.
-    pub routes: BTreeMap<RelPath, Route>,
+    /// The route of each change of the layer, in the change set's order.
+    pub routes: Vec<Route>,
     /// One line per path that is not simply the package's own, for the
     /// user ("touched by more than one package" and friends).
     pub notes: Vec<String>,
@@ -135,8 +135,8 @@ pub struct Composition {
 fn owned(path: &RelPath, kind: FileKind, sha: Option<[u8; 32]>) -> OwnedPath {
     OwnedPath {
         path: path.as_bytes().to_vec(),
-        kind: kind.as_str().into(),
-        sha256: sha.map(|h| hex(&h)),
+        kind,
+        sha256: sha,
     }
 }
 
@@ -185,10 +185,10 @@ pub fn compose(
             // The package's own path.
             if ch.kind == ChangeKind::Deleted {
                 c.counts.dropped += 1;
-                c.routes.insert(ch.path.clone(), Route::Dropped);
+                c.routes.push(Route::Dropped);
                 continue;
             }
-            c.routes.insert(ch.path.clone(), Route::Owned);
+            c.routes.push(Route::Owned);
             if let Some(other) = others.get(key) {
                 c.notes.push(format!(
                     "{}: provided by {package} now; {other} installed it before (Replaces: {other})",
@@ -212,7 +212,7 @@ pub fn compose(
             // Directories are shared: a changed one is shipped as a
             // directory entry, owned by nobody new.
             c.items.push(layer_item(ch.path.clone()));
-            c.routes.insert(ch.path.clone(), Route::SharedDir);
+            c.routes.push(Route::SharedDir);
             continue;
         }
         let deleted = ch.kind == ChangeKind::Deleted;
@@ -225,11 +225,12 @@ pub fn compose(
         match policy {
             ForeignPolicy::Fail => {
                 refused.push(format!("{} ({})", ch.path, whose));
+                c.routes.push(Route::Skip);
                 continue;
             }
             ForeignPolicy::Skip => {
                 c.counts.skipped += 1;
-                c.routes.insert(ch.path.clone(), Route::Skip);
+                c.routes.push(Route::Skip);
                 c.notes.push(format!(
                     "{}: {} by {package} but owned by {whose}; left out of the package (--foreign-edits=skip)",
                     ch.path,
@@ -239,7 +240,7 @@ pub fn compose(
             }
             ForeignPolicy::Ship => {
                 c.counts.shipped += 1;
-                c.routes.insert(ch.path.clone(), Route::Ship);
+                c.routes.push(Route::Ship);
                 if deleted {
                     c.deletions.push(ch.path.clone());
                 } else {
@@ -255,7 +256,7 @@ pub fn compose(
             }
             ForeignPolicy::Divert => {
                 c.counts.diverted += 1;
-                c.routes.insert(ch.path.clone(), Route::Divert);
+                c.routes.push(Route::Divert);
                 if !deleted {
                     c.items.push(layer_item(private_path(package, &ch.path)));
                 }
@@ -358,7 +359,7 @@ fn carry_forward(
         match stat(&path)? {
             Some(m) => {
                 let mut o = o.clone();
-                o.kind = m.kind.as_str().into();
+                o.kind = m.kind;
                 owned_after.insert(o.path.clone(), o);
                 c.items.push(Item {
                     name: path.clone(),

@@ -125,7 +125,7 @@ fn set(e: &mut PlannedEntry, d: &DevEntry) {
 
 fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry {
     PlannedEntry {
-        src: path.clone(),
+        src: None,
         path,
         source: super::Source::Synthetic,
         kind,

@@ -419,8 +419,8 @@ pub struct PlannedEntry {
     /// `path` for the private copy of an edit to a file the package does
     /// not own).
     pub source: Source,
-    /// Path under the source root.
-    pub src: RelPath,
+    /// Path under the source root, when it is not `path`.
+    pub src: Option<RelPath>,
     /// Type.
     pub kind: FileKind,
     /// Permission bits.
@@ -582,12 +582,13 @@ impl Plan {
                     ));
                 }
             }
+            let src = (it.src != it.name).then_some(it.src);
             map.insert(
                 it.name.clone(),
                 PlannedEntry {
-                    path: it.name.clone(),
+                    path: it.name,
                     source: it.source,
-                    src: it.src.clone(),
+                    src,
                     kind: m.kind,
                     mode,
                     uid,
@@ -638,7 +639,7 @@ impl Plan {
                     PlannedEntry {
                         path: dir.clone(),
                         source,
-                        src: dir.clone(),
+                        src: None,
                         kind: FileKind::Dir,
                         mode,
                         uid,
@@ -834,8 +835,8 @@ fn write_data_tar<W: Write>(
                         || private.starts_with(e.path.as_bytes())))
             })
             .map(|e| {
-                let name = if e.src != e.path {
-                    e.src.clone()
+                let name = if let Some(src) = &e.src {
+                    src.clone()
                 } else {
                     e.path.clone()
                 };
@@ -891,7 +892,7 @@ fn write_data_tar<W: Write>(
                 format!("{path}: an OCI layer cannot hold a file named .wh.*; it would be read as a whiteout"),
             ));
         }
-        let abs = crate::tree::reach(plan.root_of(e), &e.src)?;
+        let abs = crate::tree::reach(plan.root_of(e), e.src.as_ref().unwrap_or(&e.path))?;
         let mut link = Vec::new();
         let kind = if let Some(first) = &e.hardlink_to {
             link = prefix.to_vec();
