@@ -354,6 +354,7 @@ impl LayerBackend for AufsBackend {
                 in_place,
                 flags: Vec::new(),
                 options,
+                volatile_boot: None,
             };
             Ok(Begun {
                 merged: target,

@@ -34,13 +34,27 @@ use std::sync::Arc;
 pub const NAME: &str = "overlayfs";
 
 /// `[backends.overlayfs]` settings.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlayConfig {
     /// Mount the overlay on the root itself, so the install keeps writing
     /// to the same path (Buildroot's `TARGET_DIR`). The root stays
     /// reachable for layerpack through a private bind mount in the session.
     pub in_place: bool,
+    /// Mount `volatile` where the kernel has it (5.10+): unmounting then
+    /// does not write back the whole upper filesystem, so `final` does not
+    /// wait for everything else the build wrote. After a reboot such a
+    /// layer is not trusted (`status` says so; `abort` and capture again).
+    pub volatile: bool,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        OverlayConfig {
+            in_place: false,
+            volatile: true,
+        }
+    }
 }
 
 /// The overlayfs backend.
@@ -174,6 +188,11 @@ impl OverlayBackend {
                 o.push_str(opt);
             }
         }
+        let release = std::fs::read_to_string(self.proc_root.join("proc/sys/kernel/osrelease"))
+            .unwrap_or_default();
+        if self.cfg.volatile && layerpack_core::union::kernel_has_volatile(&release) {
+            o.push_str(",volatile");
+        }
         Ok(o)
     }
 }
@@ -279,6 +298,11 @@ impl LayerBackend for OverlayBackend {
                 } else {
                     Vec::new()
                 },
+                volatile_boot: options
+                    .split(',')
+                    .any(|o| o == "volatile")
+                    .then(layerpack_core::union::boot_id)
+                    .flatten(),
                 options,
             };
             Ok(Begun {
@@ -298,7 +322,9 @@ impl LayerBackend for OverlayBackend {
     /// Unmount the overlay (and the bind mount of the root): the upper
     /// layer can no longer change, and a busy mount fails here.
     fn freeze(&self, spec: &SessionSpec) -> Result<()> {
-        self.session(spec).unmount_all()
+        let session = self.session(spec);
+        session.check_trusted()?;
+        session.unmount_all()
     }
 
     fn thaw(&self, spec: &SessionSpec) -> Result<()> {
@@ -401,9 +427,56 @@ mod tests {
     /// An in-place backend over `fake` (user-namespace mode, so the xattr
     /// probe on the upper needs no root).
     fn in_place_over(root: &Path, fake: &Arc<FakeSys>) -> OverlayBackend {
-        OverlayBackend::new(OverlayConfig { in_place: true }, root)
+        OverlayBackend::new(
+            OverlayConfig {
+                in_place: true,
+                ..OverlayConfig::default()
+            },
+            root,
+        )
+        .in_user_namespace(true)
+        .with_sys(fake.clone())
+    }
+
+    /// volatile where the kernel has it (5.10+) and the config allows it,
+    /// with the boot recorded; nothing else changes.
+    #[test]
+    fn volatile_follows_the_kernel_and_the_config() {
+        let (root, spec) = fake_setup("volatile");
+        fs::create_dir_all(root.join("proc/sys/kernel")).unwrap();
+        for (release, volatile, want) in [
+            ("6.18.0-1-amd64\n", true, true),
+            ("5.10.0\n", true, true),
+            ("5.4.0-150-generic\n", true, false),
+            ("6.18.0\n", false, false),
+        ] {
+            fs::write(root.join("proc/sys/kernel/osrelease"), release).unwrap();
+            let fake = Arc::new(FakeSys::new());
+            let b = OverlayBackend::new(
+                OverlayConfig {
+                    in_place: true,
+                    volatile,
+                },
+                &root,
+            )
             .in_user_namespace(true)
-            .with_sys(fake.clone())
+            .with_sys(fake.clone());
+            let _ = fs::remove_dir_all(&spec.dir);
+            fs::create_dir_all(&spec.dir).unwrap();
+            let begun = b.begin(&spec).unwrap();
+            let st: UnionState = begun
+                .state
+                .decode("overlayfs", layerpack_core::union::UNION_STATE_VERSION)
+                .unwrap();
+            assert_eq!(
+                st.options.ends_with(",volatile"),
+                want,
+                "{release}: {}",
+                st.options
+            );
+            assert_eq!(st.volatile_boot.is_some(), want, "{release}");
+        }
+        fs::remove_dir_all(&root).unwrap();
     }
 
     /// The exact calls of an in-place session, through the fake (user

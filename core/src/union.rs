@@ -33,6 +33,28 @@ pub struct UnionState {
     pub flags: Vec<String>,
     /// The option string of the union mount, to mount it again (`thaw`).
     pub options: String,
+    /// Set when mounted `volatile` (no sync of the upper filesystem, at
+    /// umount either): the boot it was mounted in. After a reboot the
+    /// upper layer may have lost writes and is not trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volatile_boot: Option<String>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Whether the kernel's overlayfs takes `volatile` (Linux 5.10 and later).
+pub fn kernel_has_volatile(release: &str) -> bool {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (major, minor) >= (5, 10)
 }
 
 impl UnionState {
@@ -206,6 +228,18 @@ impl UnionSession<'_> {
         if st.in_place && !self.mounted(&self.lower_bind(), None)? {
             self.bind_root()?;
         }
+        if st.volatile_boot.is_some() {
+            // A volatile overlay leaves work/work/incompat/volatile behind
+            // and refuses to mount over it; this unmount was clean (same
+            // boot, checked by the caller), so the upper layer is whole.
+            self.check_trusted()?;
+            let marker = self.spec.dir.join("work/work/incompat");
+            match fs::remove_dir_all(&marker) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&marker, "cannot remove the volatile marker", e)),
+            }
+        }
         self.mount_union(source, &merged, &st.options)
     }
 
@@ -271,8 +305,27 @@ impl UnionSession<'_> {
         Ok(())
     }
 
-    /// Whether the layer and the mount are still there.
+    /// An error when the layer was mounted `volatile` in an earlier boot:
+    /// what the install wrote may not have reached the disk.
+    pub fn check_trusted(&self) -> Result<()> {
+        let st = self.state()?;
+        match (&st.volatile_boot, boot_id()) {
+            (Some(then), Some(now)) if *then != now => Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "the layer of {pkg} was mounted volatile (no writeback at unmount) and the machine has rebooted since: it may have lost writes and is not packaged; run `layerpack abort {pkg}` and run the install again",
+                    pkg = self.spec.package
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the layer and the mount are still there (and trusted).
     pub fn health(&self) -> Health {
+        if let Err(e) = self.check_trusted() {
+            return Health::Broken(e.message().to_string());
+        }
         let upper = self.upper();
         let pkg = &self.spec.package;
         if !upper.is_dir() {

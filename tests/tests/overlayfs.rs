@@ -223,7 +223,13 @@ fn in_place_mode_passes_every_scenario() -> Outcome {
     if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
         return skip;
     }
-    let b = OverlayBackend::new(OverlayConfig { in_place: true }, Path::new("/"));
+    let b = OverlayBackend::new(
+        OverlayConfig {
+            in_place: true,
+            ..OverlayConfig::default()
+        },
+        Path::new("/"),
+    );
     let work = scratch("in-place");
     let mut failures = Vec::new();
     let mut ran = 0;
@@ -560,7 +566,96 @@ fn abort_after_an_interrupted_move_down_is_refused_and_final_finishes() -> Outco
     passed()
 }
 
+/// A volatile overlay (the default where the kernel has it) survives
+/// `final --keep` (unmount, then mount again over the volatile marker);
+/// after a reboot its layer is not trusted: `status` says so, `final`
+/// refuses before writing anything, `abort` drops it.
+fn volatile_layers_remount_after_keep_and_are_refused_after_a_reboot() -> Outcome {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs")]) {
+        return skip;
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    if !layerpack_core::union::kernel_has_volatile(&release) {
+        return Ok(libtest_mimic_ignored(
+            "the kernel's overlayfs has no volatile",
+        ));
+    }
+    let d = scratch("volatile");
+    let root = d.join("root");
+    rich_base(&root);
+    let out = d.join("out");
+    let lp = |args: &[&str]| {
+        std::process::Command::new(layerpack_tests::layerpack_bin())
+            .args(args)
+            .env("LAYERPACK_STATE_DIR", d.join("state"))
+            .output()
+            .unwrap()
+    };
+    let okd = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let r = root.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let merged = PathBuf::from(
+        okd(&lp(&[
+            "init",
+            "vol",
+            "--root",
+            r,
+            "--backend",
+            "overlayfs",
+            "--version",
+            "1",
+        ]))
+        .trim_end(),
+    );
+    let session = d.join("state/sessions/vol/session.json");
+    let text = fs::read_to_string(&session).unwrap();
+    assert!(text.contains("volatile"), "mounted volatile: {text}");
+    fs::write(merged.join("one"), "1").unwrap();
+    okd(&lp(&["final", "vol", "--out", o, "--keep"]));
+    // Mounted again over work/work/incompat/volatile.
+    fs::write(merged.join("two"), "2").unwrap();
+    // A reboot, as the session sees it: another boot id.
+    let boot = layerpack_core::union::boot_id().unwrap();
+    let text = fs::read_to_string(&session).unwrap();
+    assert!(text.contains(&boot), "{text}");
+    okd(&lp(&["final", "vol", "--out", o, "--keep"]));
+    fs::write(
+        &session,
+        text.replace(&boot, "00000000-0000-0000-0000-000000000000"),
+    )
+    .unwrap();
+    let status = lp(&["status"]);
+    let said = String::from_utf8_lossy(&status.stdout).into_owned()
+        + &String::from_utf8_lossy(&status.stderr);
+    assert!(said.contains("rebooted"), "{said}");
+    let before = fs::read(out.join("vol_1_all.ipk")).unwrap();
+    let fin = lp(&["final", "vol", "--out", o]);
+    assert_eq!(fin.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&fin.stderr);
+    assert!(
+        err.contains("volatile") && err.contains("layerpack abort vol"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(out.join("vol_1_all.ipk")).unwrap(),
+        before,
+        "nothing written"
+    );
+    okd(&lp(&["abort", "vol"]));
+    assert!(!root.join("one").exists(), "the untrusted layer is dropped");
+    fs::remove_dir_all(&d).unwrap();
+    passed()
+}
+
+fn libtest_mimic_ignored(why: &str) -> layerpack_tests::Completion {
+    layerpack_tests::Completion::ignored_with(why)
+}
+
 layerpack_tests::test_main!(
+    volatile_layers_remount_after_keep_and_are_refused_after_a_reboot,
     fold_is_idempotent_when_killed_after_any_operation,
     every_scenario_gives_the_same_layer_as_the_snapshot_backend,
     in_place_mode_passes_every_scenario,
