@@ -1259,6 +1259,17 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
+    fn readme_cargo_run_picks_layerpack() {
+        // The README's first command is `cargo run -p layerpack -- …`: with
+        // two binaries in the package, cargo needs to be told which.
+        let manifest = include_str!("../Cargo.toml");
+        assert!(
+            manifest.contains("default-run = \"layerpack\""),
+            "cli/Cargo.toml must set default-run"
+        );
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
