@@ -106,14 +106,29 @@ fn br2_arch() -> Option<String> {
     })
 }
 
-/// Whether `$BR2_CONFIG` enables a rootfs image (`BR2_TARGET_ROOTFS_*=y`):
-/// then a post-fakeroot call follows the post-build one.
+/// Whether a post-fakeroot call of this hook follows the post-build one:
+/// `$BR2_CONFIG` enables a rootfs image (`BR2_TARGET_ROOTFS_*=y`) and
+/// names this program in `BR2_ROOTFS_POST_FAKEROOT_SCRIPT`. Only then is
+/// the post-build call provisional; otherwise it publishes.
 fn image_follows() -> bool {
     let Some(text) = env_path("BR2_CONFIG").and_then(|c| std::fs::read_to_string(c).ok()) else {
         return false;
     };
-    text.lines()
-        .any(|l| l.starts_with("BR2_TARGET_ROOTFS_") && l.ends_with("=y"))
+    let image = text
+        .lines()
+        .any(|l| l.starts_with("BR2_TARGET_ROOTFS_") && l.ends_with("=y"));
+    let us = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "layerpack-buildroot-hook".into());
+    let fakeroot_calls_us = text.lines().any(|l| {
+        l.strip_prefix("BR2_ROOTFS_POST_FAKEROOT_SCRIPT=")
+            .is_some_and(|v| {
+                v.split_whitespace()
+                    .any(|w| w.trim_matches('"').ends_with(&us))
+            })
+    });
+    image && fakeroot_calls_us
 }
 
 /// `layerpack` with the config the hook uses.

@@ -175,6 +175,18 @@ const ORDER: &[&str] = &[
 ];
 
 fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> String {
+    br_with(o, pkgs, ppd, extra, names, true)
+}
+
+/// [`br`], the hook set as post-fakeroot script too or not.
+fn br_with(
+    o: &Path,
+    pkgs: &Path,
+    ppd: bool,
+    extra: &[&str],
+    names: &[&str],
+    fakeroot_hook: bool,
+) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("buildroot-double/br");
     let mut cmd = Command::new("bash");
     cmd.arg(script);
@@ -187,7 +199,14 @@ fn br(o: &Path, pkgs: &Path, ppd: bool, extra: &[&str], names: &[&str]) -> Strin
         .args(names)
         .env("BR2_INSTRUMENTATION_SCRIPTS", hook_bin())
         .env("BR2_ROOTFS_POST_BUILD_SCRIPT", hook_bin())
-        .env("BR2_ROOTFS_POST_FAKEROOT_SCRIPT", hook_bin())
+        .env(
+            "BR2_ROOTFS_POST_FAKEROOT_SCRIPT",
+            if fakeroot_hook {
+                hook_bin().into_os_string()
+            } else {
+                "".into()
+            },
+        )
         .env("LAYERPACK_BIN", layerpack_bin())
         .env_remove("LAYERPACK_CONFIG")
         .env_remove("LAYERPACK_STATE_DIR")
@@ -455,6 +474,50 @@ fn feed_bytes(feed: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// With the hook as post-build script only (an image is still built), the
+/// post-build call publishes: a complete, indexed feed with rootfs-extra,
+/// owners from the target directory.
+fn post_build_alone_publishes_a_complete_feed() -> Outcome {
+    let needs = [
+        Need::Root,
+        Need::Tool("bash"),
+        Need::Tool("fakeroot"),
+        Need::Tool("tar"),
+        Need::Tool("cc"),
+    ];
+    if let Some(skip) = missing(&needs) {
+        return skip;
+    }
+    let d = scratch("postbuild");
+    let pkgs = packages(&d);
+    let o = d.join("output");
+    br_with(&o, &pkgs, false, &[], ORDER, false);
+    let feed = o.join("layerpack/feed");
+    let names = ipks(&feed);
+    assert!(
+        names.iter().any(|n| n.starts_with("rootfs-extra_1_")),
+        "{names:?}"
+    );
+    assert!(feed.join("Packages").is_file());
+    let ledger = fs::read_to_string(feed.join("layerpack-ledger.json")).unwrap();
+    assert!(
+        ledger.contains("\"published\""),
+        "the post-build call published"
+    );
+    // Without the image step's tables, app keeps the target's mode.
+    let by_apply = d.join("by-apply");
+    fs::create_dir(&by_apply).unwrap();
+    ok(&Command::new(layerpack_bin())
+        .arg("apply")
+        .arg(ipk_of(&feed, "app"))
+        .arg("--root")
+        .arg(&by_apply)
+        .output()
+        .unwrap());
+    assert!(tree(&by_apply)["usr/bin/app"].starts_with("104755 0:0 "));
+    passed()
+}
+
 fn classic_build_gives_a_feed_that_reproduces_the_target() -> Outcome {
     build_and_check(false)
 }
@@ -500,6 +563,7 @@ fn ignored_calls_read_nothing_and_fail_nothing() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    post_build_alone_publishes_a_complete_feed,
     classic_build_gives_a_feed_that_reproduces_the_target,
     per_package_directories_give_a_feed_that_reproduces_the_merged_target,
     ignored_calls_read_nothing_and_fail_nothing,
