@@ -214,10 +214,15 @@ fn br_with(
     ok(&cmd.output().unwrap())
 }
 
-/// The tree as a device sees it: `var` (dpkg's and opkg's databases,
-/// layerpack's bookkeeping) left out.
+/// The tree as a device sees it, without the package managers' databases
+/// (dpkg's, opkg's) and layerpack's own bookkeeping (the saved and new
+/// copies of edited files), which only an installed system has.
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    tree_summary(root, |n| n.starts_with("var"))
+    tree_summary(root, |n| {
+        ["var/lib/dpkg", "var/lib/opkg", "var/lib/layerpack"]
+            .iter()
+            .any(|p| n.starts_with(p))
+    })
 }
 
 fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
