@@ -249,18 +249,19 @@ fn ipks(feed: &Path) -> Vec<String> {
     v
 }
 
+/// What a test build needs: root (the oracles install owners and device
+/// nodes: dpkg, apply, the image's tar), the double's tools, and dpkg.
+const BUILD_NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Tool("bash"),
+    Need::Tool("dpkg"),
+    Need::Tool("fakeroot"),
+    Need::Tool("tar"),
+    Need::Tool("cc"),
+];
+
 fn build_and_check(ppd: bool) -> Outcome {
-    // Root: the oracles install owners and device nodes (dpkg, apply, the
-    // image's tar).
-    let needs = [
-        Need::Root,
-        Need::Tool("bash"),
-        Need::Tool("dpkg"),
-        Need::Tool("fakeroot"),
-        Need::Tool("tar"),
-        Need::Tool("cc"),
-    ];
-    if let Some(skip) = missing(&needs) {
+    if let Some(skip) = missing(BUILD_NEEDS) {
         return skip;
     }
     let d = scratch(if ppd { "ppd" } else { "classic" });
@@ -483,14 +484,7 @@ fn feed_bytes(feed: &Path) -> BTreeMap<String, Vec<u8>> {
 /// post-build call publishes: a complete, indexed feed with rootfs-extra,
 /// owners from the target directory.
 fn post_build_alone_publishes_a_complete_feed() -> Outcome {
-    let needs = [
-        Need::Root,
-        Need::Tool("bash"),
-        Need::Tool("fakeroot"),
-        Need::Tool("tar"),
-        Need::Tool("cc"),
-    ];
-    if let Some(skip) = missing(&needs) {
+    if let Some(skip) = missing(BUILD_NEEDS) {
         return skip;
     }
     let d = scratch("postbuild");
