@@ -383,6 +383,21 @@ pub enum Owners {
     },
 }
 
+impl Owners {
+    /// The owner and group written for an entry the capture saw as
+    /// `uid:gid`.
+    pub fn map(self, uid: u32, gid: u32) -> (u32, u32) {
+        match self {
+            Owners::Keep => (uid, gid),
+            Owners::Root => (0, 0),
+            Owners::MapUser { uid: u, gid: g } => (
+                if uid == u { 0 } else { uid },
+                if gid == g { 0 } else { gid },
+            ),
+        }
+    }
+}
+
 /// How to turn a layer into package entries.
 #[derive(Clone, Debug, Default)]
 pub struct PackOptions {
@@ -622,14 +637,7 @@ impl Plan {
                 use std::os::unix::fs::MetadataExt;
                 let (mode, uid, gid, mtime, source) = match &found {
                     Some(md) => {
-                        let (uid, gid) = match opts.owners {
-                            Owners::Keep => (md.uid(), md.gid()),
-                            Owners::Root => (0, 0),
-                            Owners::MapUser { uid, gid } => (
-                                if md.uid() == uid { 0 } else { md.uid() },
-                                if md.gid() == gid { 0 } else { md.gid() },
-                            ),
-                        };
+                        let (uid, gid) = opts.owners.map(md.uid(), md.gid());
                         (md.mode() & 0o7777, uid, gid, md.mtime(), Source::Base)
                     }
                     None => (0o755, 0, 0, 0, Source::Synthetic),
@@ -719,14 +727,7 @@ impl OwnerReport {
     /// is dropped when the owner (group) written is not the one the
     /// capture saw: a package never makes a file setuid to somebody else.
     fn decide(&mut self, policy: Owners, path: &RelPath, m: &Meta) -> (u32, u32, u32) {
-        let (uid, gid) = match policy {
-            Owners::Keep => (m.uid, m.gid),
-            Owners::Root => (0, 0),
-            Owners::MapUser { uid, gid } => (
-                if m.uid == uid { 0 } else { m.uid },
-                if m.gid == gid { 0 } else { m.gid },
-            ),
-        };
+        let (uid, gid) = policy.map(m.uid, m.gid);
         let mut mode = m.mode;
         if (uid, gid) != (m.uid, m.gid) {
             match policy {
