@@ -1058,10 +1058,10 @@ fn check_content_root(
         .map_err(|e| format!("content_root: {e}"))?;
     for c in cs.present() {
         let abs = c.path.under(&root);
-        let md = fs::symlink_metadata(&abs)
+        // As every reader sees it (recorded ownership applied).
+        let rec = crate::tree::Record::read(&abs, c.path.clone(), true)
             .map_err(|e| format!("content root: {} unreadable: {e}", abs.display()))?;
-        let kind = FileKind::from_mode(std::os::unix::fs::MetadataExt::mode(&md));
-        if kind != Some(c.meta.kind) {
+        if rec.kind != c.meta.kind {
             return Err(format!("content root: {} has another type", c.path));
         }
         if c.meta.kind == FileKind::File

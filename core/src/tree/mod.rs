@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use sha2::{Digest, Sha256};
 
 pub mod fold;
+pub mod override_stat;
 pub mod upper;
 
 use crate::model::{split_dev, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs};
@@ -89,24 +90,51 @@ impl Record {
         } else {
             None
         };
-        let xattrs = if with_xattrs {
+        let mut xattrs = if with_xattrs {
             read_xattrs(&abs())?
         } else {
             Xattrs::new()
         };
+        let (mut kind, mut rdev) = (kind, if kind.is_device() { md.rdev() } else { 0 });
+        let (mut mode, mut uid, mut gid) = (md.mode() & 0o7777, md.uid(), md.gid());
+        // Ownership an unprivileged install asked for (the FUSE backend
+        // records it): what the entry is, for every reader.
+        if let Some(v) = xattrs.remove(override_stat::XATTR.as_bytes()) {
+            match override_stat::Override::parse(&v) {
+                Some(o) => {
+                    (kind, rdev) = override_stat::effective_kind(kind, rdev, &o);
+                    (mode, uid, gid) = (o.mode, o.uid, o.gid);
+                }
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "{} is not a record of the form uid:gid:mode[:type]: {:?}",
+                            override_stat::XATTR,
+                            String::from_utf8_lossy(&v)
+                        ),
+                    )
+                    .with_path(abs()))
+                }
+            }
+        }
         Ok(Record {
             path,
             kind,
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            size: md.size(),
+            mode,
+            uid,
+            gid,
+            size: if kind == FileKind::File || kind == FileKind::Symlink || kind == FileKind::Dir {
+                md.size()
+            } else {
+                0
+            },
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
             ino: md.ino(),
             dev: md.dev(),
             nlink: md.nlink(),
-            rdev: if kind.is_device() { md.rdev() } else { 0 },
+            rdev,
             xattrs,
             link_target,
             sha256: None,
