@@ -220,7 +220,20 @@ impl FuseBackend {
         let d = Self::daemon(spec);
         let live = d.as_ref().is_some_and(daemon::alive);
         if Self::mounted(&st.mountpoint)? {
-            match daemon::unmount(&st.mountpoint, !live) {
+            // A process forked at this moment holds our fds for an
+            // instant (until it closes or execs them): a short EBUSY is
+            // tried again; a lasting one is a process that uses the mount.
+            let mut result = daemon::unmount(&st.mountpoint, !live);
+            for _ in 0..40 {
+                match &result {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        result = daemon::unmount(&st.mountpoint, !live);
+                    }
+                    _ => break,
+                }
+            }
+            match result {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     return Err(Error::io(
@@ -497,6 +510,41 @@ impl LayerBackend for FuseBackend {
 
     fn release(&self, spec: &SessionSpec) -> Result<()> {
         self.discard(spec)
+    }
+
+    fn details(&self) -> Vec<(String, String)> {
+        let root = rustix::process::geteuid().is_root();
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let passthrough = self.cfg.passthrough
+            && root
+            && layerpack_core::union::kernel_at_least(&release, (6, 9));
+        vec![
+            (
+                "layer".into(),
+                format!(
+                    "overlay format: whiteouts are 0/0 character devices, markers are {}.overlay.* xattrs",
+                    if root { "trusted" } else { "user" }
+                ),
+            ),
+            (
+                "ownership".into(),
+                if root {
+                    "applied for real (the daemon is root)".into()
+                } else {
+                    "chown and setuid/setgid chmod are recorded in user.containers.override_stat; a device is an empty file with such a record (the kernel refuses mknod of devices to ordinary users)".into()
+                },
+            ),
+            (
+                "file I/O".into(),
+                if passthrough {
+                    "FUSE passthrough (the kernel reads and writes the layer's files directly)".into()
+                } else if self.cfg.writeback {
+                    "through the daemon, with the kernel's writeback cache".into()
+                } else {
+                    "through the daemon".into()
+                },
+            ),
+        ]
     }
 
     fn health(&self, spec: &SessionSpec) -> Health {

@@ -251,6 +251,8 @@ pub struct Union {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
+    /// Lower paths of every inode with several names, found on first need.
+    links: std::sync::OnceLock<HashMap<u64, Vec<Vec<u8>>>>,
     /// Requests served.
     pub counters: Counters,
 }
@@ -414,6 +416,7 @@ impl Union {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
+            links: std::sync::OnceLock::new(),
             counters: Counters::default(),
         }
     }
@@ -913,6 +916,16 @@ impl Union {
         let (_, pl) = self.dir_fds(parent)?;
         let pl = pl.ok_or(libc::EIO)?;
         let st = rustix::fs::statat(pl.as_fd(), &*name, AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
+        let mut aliases = aliases;
+        if kind == FileKind::File && st.st_nlink > 1 {
+            // Every name of the inode, looked up or not, gets the copy:
+            // a hard link stays one file.
+            for (p, n) in self.other_names(ino, st.st_ino)? {
+                if !aliases.iter().any(|(ap, an)| *ap == p && *an == n) {
+                    aliases.push((p, n));
+                }
+            }
+        }
         let tmp = self.tmp_name();
         let work = self.work.as_fd();
         let made = match kind {
@@ -1039,6 +1052,54 @@ impl Union {
         }
         rustix::fs::ftruncate(&dst, size).map_err(en)?;
         Ok(())
+    }
+
+    /// The (parent, name) of every other lower path of backing inode
+    /// `backing` that still shows it through the union.
+    fn other_names(&self, ino: u64, backing: u64) -> R<Vec<(u64, Box<[u8]>)>> {
+        let links = self.links.get_or_init(|| self.find_lower_links());
+        let mut out = Vec::new();
+        for path in links.get(&backing).into_iter().flatten() {
+            let mut parent = ROOT;
+            let mut comps = path.split(|b| *b == b'/').peekable();
+            while let Some(c) = comps.next() {
+                let child = match self.child(parent, c) {
+                    Ok(i) => i,
+                    Err(_) => break,
+                };
+                if comps.peek().is_none() {
+                    if child == ino {
+                        out.push((parent, Box::from(c)));
+                    }
+                } else {
+                    parent = child;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Scan the lower layer for files with several names.
+    fn find_lower_links(&self) -> HashMap<u64, Vec<Vec<u8>>> {
+        let mut map: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+        let Ok((_, Some(lower))) = self.dir_fds(ROOT) else {
+            return map;
+        };
+        let root = std::path::PathBuf::from(format!("/proc/self/fd/{}", lower.as_raw_fd()));
+        let opts = layerpack_core::tree::ScanOptions {
+            xattrs: false,
+            ..Default::default()
+        };
+        if let Ok(scan) = layerpack_core::tree::TreeScan::start(&root, opts) {
+            for r in scan.flatten() {
+                if r.kind == FileKind::File && r.nlink > 1 {
+                    map.entry(r.ino)
+                        .or_default()
+                        .push(r.path.as_bytes().to_vec());
+                }
+            }
+        }
+        map
     }
 
     fn link_alias(&self, ino: u64, alias: &(u64, Box<[u8]>)) -> R<()> {
@@ -1993,8 +2054,39 @@ impl Union {
         Ok(out)
     }
 
-    /// `setxattr` (copy-up first).
+    /// `setxattr` (copy-up first). With recorded ownership, setting
+    /// `user.containers.override_stat` records what it says (the way to
+    /// make a device unprivileged: the kernel refuses `mknod` of one
+    /// before the filesystem is asked).
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        if self.opts.fake_owner && name == OVERRIDE_XATTR.as_bytes() {
+            let o = Override::parse(value).ok_or(libc::EINVAL)?;
+            self.copy_up(ino)?;
+            let l = self.loc(ino)?;
+            let stored = self
+                .table()
+                .inodes
+                .get(&ino)
+                .map(|n| n.stored)
+                .ok_or(libc::ESTALE)?;
+            if o.kind.is_some_and(|(k, _)| k != stored)
+                && (stored != FileKind::File || self.stat_loc(&l)?.st_size != 0)
+            {
+                // Only an empty regular file can stand for another type.
+                return Err(libc::EINVAL);
+            }
+            rustix::fs::lsetxattr(
+                proc_path(l.dir.as_fd(), &l.name),
+                OVERRIDE_XATTR,
+                o.format().as_bytes(),
+                XattrFlags::empty(),
+            )
+            .map_err(en)?;
+            if let Some(n) = self.table().inodes.get_mut(&ino) {
+                n.ovr = Some(o);
+            }
+            return Ok(());
+        }
         if self.internal_xattr(name) {
             return Err(libc::EPERM);
         }

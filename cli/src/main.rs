@@ -764,6 +764,7 @@ impl App {
                 }
                 _ => "built-in".to_string(),
             };
+            let details = b.as_ref().map(|b| b.details()).unwrap_or_default();
             let (probe, caps) = match &b {
                 Ok(b) => (b.probe(), Some(b.capabilities())),
                 Err(e) => (
@@ -791,9 +792,13 @@ impl App {
                     }
                     _ => Value::Null,
                 };
+                let details: serde_json::Map<String, Value> = details
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
                 print_json(&json!({"type": "backend", "name": name, "origin": origin,
                     "plugin": plugin, "available": probe.is_available(), "reason": probe.reason(),
-                    "capabilities": caps}))?;
+                    "capabilities": caps, "details": details}))?;
             } else {
                 let state = match probe.reason() {
                     None => "available".to_string(),
@@ -816,6 +821,9 @@ impl App {
                 print_line(&format!("{name:<10} {origin:<9} {state}"))?;
                 if !caps.is_empty() {
                     print_line(&format!("{:<10} {:<9} capabilities: {caps}", "", ""))?;
+                }
+                for (k, v) in &details {
+                    print_line(&format!("{:<10} {:<9} {k}: {v}", "", ""))?;
                 }
             }
         }

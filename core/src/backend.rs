@@ -337,6 +337,13 @@ pub trait LayerBackend: Send + Sync {
     fn health(&self, _spec: &SessionSpec) -> Health {
         Health::Ok
     }
+
+    /// How the backend works on this machine, as (topic, text) pairs for
+    /// `layerpack backends` (the layer's format, what the kernel gives
+    /// it). Default: nothing to say.
+    fn details(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// End a session without folding it: discard the layer where the backend

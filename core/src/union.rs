@@ -49,12 +49,17 @@ pub fn boot_id() -> Option<String> {
 
 /// Whether the kernel's overlayfs takes `volatile` (Linux 5.10 and later).
 pub fn kernel_has_volatile(release: &str) -> bool {
+    kernel_at_least(release, (5, 10))
+}
+
+/// Whether kernel release `release` (`6.18.0-…`, as in
+/// `/proc/sys/kernel/osrelease`) is at least `want` (major, minor).
+pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     let mut it = release
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    (major, minor) >= (5, 10)
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= want
 }
 
 impl UnionState {

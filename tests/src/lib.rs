@@ -142,6 +142,9 @@ pub const REQUIRE_WORDS: &[&str] = &[
     "fakeroot",
     "cc",
     "bash",
+    "fusermount3",
+    "setfattr",
+    "minbase",
 ];
 
 /// What to make of a scenario the machine or the backend cannot run.
@@ -387,4 +390,115 @@ pub fn dpkg_skeleton(at: &std::path::Path) {
         std::fs::create_dir_all(at.join(d)).expect("dpkg database directory");
     }
     std::fs::write(at.join("var/lib/dpkg/status"), b"").expect("dpkg status");
+}
+
+/// Run every move-down scenario `backend` can run here on it and on the
+/// snapshot backend, each on a fresh base below `work`: the change sets
+/// must agree (where a scenario allows either of two symbols, either
+/// will do) and the bases after move-down must be the same. Returns the
+/// differences.
+pub fn differ_from_snapshot(
+    backend: &dyn layerpack_core::backend::LayerBackend,
+    work: &std::path::Path,
+) -> Vec<String> {
+    use layerpack_core::backend::{ChangeOptions, SessionSpec};
+    use layerpack_core::scenarios::{self, backdate, compare_trees};
+    use std::fs;
+    let registry = builtin_registry();
+    let snap = registry
+        .create(
+            "snapshot",
+            &layerpack_core::config::BackendConfig::empty("snapshot"),
+        )
+        .expect("snapshot backend");
+    let mut problems = Vec::new();
+    for sc in scenarios::all() {
+        if sc.end != scenarios::End::MoveDown
+            || sc.skip_reason(&backend.capabilities(), work).is_some()
+        {
+            continue;
+        }
+        let mut sets = Vec::new();
+        let mut bases = Vec::new();
+        for (i, b) in [&*snap, backend].into_iter().enumerate() {
+            let d = work.join(format!("{}-{i}", sc.test_name()));
+            for sub in ["base", "session"] {
+                fs::create_dir_all(d.join(sub)).expect("scratch");
+            }
+            (sc.setup)(&d.join("base")).expect("setup");
+            backdate(&d.join("base")).expect("backdate");
+            let spec = SessionSpec {
+                package: "diff".into(),
+                base: fs::canonicalize(d.join("base")).expect("canonical base"),
+                dir: d.join("session"),
+                state: Default::default(),
+            };
+            let begun = match b.begin(&spec) {
+                Ok(x) => x,
+                Err(e) => {
+                    problems.push(format!("{}: {}: begin: {e}", sc.test_name(), b.name()));
+                    continue;
+                }
+            };
+            let spec = SessionSpec {
+                state: begun.state,
+                ..spec
+            };
+            let step = (sc.act)(&begun.merged)
+                .map_err(|e| e.to_string())
+                .and_then(|()| b.freeze(&spec).map_err(|e| e.to_string()))
+                .and_then(|()| {
+                    b.changes(&spec, &ChangeOptions::default())
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|cs| b.move_down(&spec).map(|()| cs).map_err(|e| e.to_string()));
+            match step {
+                Ok(cs) => sets.push(cs),
+                Err(e) => {
+                    let _ = layerpack_core::backend::abandon(b, &spec);
+                    problems.push(format!("{}: {}: {e}", sc.test_name(), b.name()));
+                    continue;
+                }
+            }
+            bases.push(d.join("base"));
+        }
+        if sets.len() != 2 {
+            continue;
+        }
+        let allowed: std::collections::BTreeMap<Vec<u8>, &str> =
+            (sc.expect)().into_iter().collect();
+        let symbols =
+            |cs: &layerpack_core::model::ChangeSet| -> std::collections::BTreeMap<Vec<u8>, char> {
+                cs.changes()
+                    .iter()
+                    .map(|c| (c.path.as_bytes().to_vec(), c.kind.symbol()))
+                    .collect()
+            };
+        let (a, b) = (symbols(&sets[0]), symbols(&sets[1]));
+        for path in a.keys().chain(b.keys()) {
+            let (x, y) = (
+                a.get(path).copied().unwrap_or('0'),
+                b.get(path).copied().unwrap_or('0'),
+            );
+            let ok = x == y
+                || allowed
+                    .get(path)
+                    .is_some_and(|s| s.contains(x) && s.contains(y));
+            if !ok {
+                problems.push(format!(
+                    "{}: {:?}: snapshot {x}, {} {y}",
+                    sc.test_name(),
+                    String::from_utf8_lossy(path),
+                    backend.name()
+                ));
+            }
+        }
+        if let Err(e) = compare_trees(&bases[0], &bases[1]) {
+            problems.push(format!(
+                "{}: bases differ after move-down: {e}",
+                sc.test_name()
+            ));
+        }
+    }
+    problems
 }

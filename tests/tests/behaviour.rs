@@ -23,6 +23,10 @@ type MakeRegistry = Arc<dyn Fn() -> Registry + Send + Sync>;
 
 /// Backends built as plugins and run through the ABI as well.
 const AS_PLUGINS: &[&str] = &["snapshot", "overlayfs"];
+
+/// Backends run a second time with other settings: (test-name prefix,
+/// backend, settings as TOML).
+const VARIANTS: &[(&str, &str, &str)] = &[("fuse-merged", "fuse", "in_place = false")];
 use libtest_mimic::{Arguments, Failed, Trial};
 
 /// The trial of a backend that cannot run here: a failure when
@@ -42,16 +46,22 @@ fn backend_trial(
     test_name: String,
     work: &std::path::Path,
     name: &str,
+    cfg: &BackendConfig,
     make: &MakeRegistry,
     check: impl FnOnce(&dyn layerpack_core::backend::LayerBackend, &std::path::Path) -> Result<(), String>
         + Send
         + 'static,
 ) -> Trial {
-    let (work, name, make) = (work.to_path_buf(), name.to_string(), make.clone());
+    let (work, name, make, cfg) = (
+        work.to_path_buf(),
+        name.to_string(),
+        make.clone(),
+        cfg.clone(),
+    );
     Trial::test(test_name, move || {
         let registry = make();
         let backend = registry
-            .create(&name, &BackendConfig::empty(&name))
+            .create(&name, &cfg)
             .map_err(|e| Failed::from(e.to_string()))?;
         std::fs::create_dir_all(&work).map_err(|e| Failed::from(e.to_string()))?;
         check(&*backend, &work).map_err(Failed::from)
@@ -85,8 +95,9 @@ fn main() -> ExitCode {
         }
     }
 
-    // (test-name prefix, backend name, how to get a registry holding it)
-    let mut sources: Vec<(String, String, MakeRegistry)> = registry
+    // (test-name prefix, backend name, how to get a registry holding it,
+    // its settings)
+    let mut sources: Vec<(String, String, MakeRegistry, BackendConfig)> = registry
         .names()
         .into_iter()
         .map(|n| {
@@ -94,9 +105,20 @@ fn main() -> ExitCode {
                 n.to_string(),
                 n.to_string(),
                 Arc::new(builtin_registry) as MakeRegistry,
+                BackendConfig::empty(n),
             )
         })
         .collect();
+    for (label, name, toml_text) in VARIANTS {
+        let mut cfg = BackendConfig::empty(name);
+        cfg.table = toml_text.parse().expect("variant settings");
+        sources.push((
+            label.to_string(),
+            name.to_string(),
+            Arc::new(builtin_registry) as MakeRegistry,
+            cfg,
+        ));
+    }
     for name in AS_PLUGINS {
         let so = build_plugin(&format!("layerpack-backend-{name}"), &["plugin"]);
         let make: MakeRegistry = Arc::new(move || {
@@ -104,11 +126,16 @@ fn main() -> ExitCode {
             layerpack_core::plugin::register_plugin(&mut r, &so).expect("load plugin");
             r
         });
-        sources.push((format!("plugin-{name}"), name.to_string(), make));
+        sources.push((
+            format!("plugin-{name}"),
+            name.to_string(),
+            make,
+            BackendConfig::empty(name),
+        ));
     }
 
     let mut trials = Vec::new();
-    for (label, name, make) in sources {
+    for (label, name, make, cfg) in sources {
         let registry = make();
         let name = name.as_str();
         // A backend through the ABI is required with the backend itself,
@@ -117,7 +144,7 @@ fn main() -> ExitCode {
             .iter()
             .any(|r| r == name || *r == label || (r == "plugins" && label.starts_with("plugin-")));
         let probe = registry
-            .create(name, &BackendConfig::empty(name))
+            .create(name, &cfg)
             .map(|b| (b.probe(), b.capabilities()));
         // The name-limit check, only where the backend declares a limit.
         if let Ok((probe, caps)) = &probe {
@@ -125,9 +152,11 @@ fn main() -> ExitCode {
                 let test_name = format!("{label}::name_limit_refused");
                 trials.push(match probe.reason() {
                     Some(why) => unavailable(test_name, name, must_run, &why),
-                    None => backend_trial(test_name, &work.join(&label), name, &make, |b, w| {
-                        scenarios::check_name_limit(b, w)
-                    }),
+                    None => {
+                        backend_trial(test_name, &work.join(&label), name, &cfg, &make, |b, w| {
+                            scenarios::check_name_limit(b, w)
+                        })
+                    }
                 });
             }
         }
@@ -159,6 +188,7 @@ fn main() -> ExitCode {
                 test_name,
                 &work.join(&label),
                 name,
+                &cfg,
                 &make,
                 move |b, w| scenarios::run(b, &sc, w),
             ));

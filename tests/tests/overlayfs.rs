@@ -11,7 +11,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use layerpack_backend_overlayfs::{OverlayBackend, OverlayConfig};
-use layerpack_core::backend::{ChangeOptions, LayerBackend, SessionSpec};
+use layerpack_core::backend::{LayerBackend, SessionSpec};
 use layerpack_core::config::BackendConfig;
 use layerpack_core::scenarios::{self, backdate, compare_trees};
 use layerpack_core::tree::fold::{FoldOptions, FOLD_FAIL_AFTER_ENV};
@@ -139,81 +139,11 @@ fn every_scenario_gives_the_same_layer_as_the_snapshot_backend() -> Outcome {
         return skip;
     }
     let registry = builtin_registry();
-    let snap = registry
-        .create("snapshot", &BackendConfig::empty("snapshot"))
-        .unwrap();
     let ovl = registry
         .create("overlayfs", &BackendConfig::empty("overlayfs"))
         .unwrap();
     let work = scratch("differential");
-    let mut problems = Vec::new();
-    for sc in scenarios::all() {
-        if sc.end != scenarios::End::MoveDown
-            || sc.skip_reason(&ovl.capabilities(), &work).is_some()
-        {
-            continue;
-        }
-        let mut sets = Vec::new();
-        let mut bases = Vec::new();
-        for b in [&snap, &ovl] {
-            let d = work.join(format!("{}-{}", sc.test_name(), b.name()));
-            for sub in ["base", "session"] {
-                fs::create_dir_all(d.join(sub)).unwrap();
-            }
-            (sc.setup)(&d.join("base")).unwrap();
-            backdate(&d.join("base")).unwrap();
-            let spec = SessionSpec {
-                package: "diff".into(),
-                base: fs::canonicalize(d.join("base")).unwrap(),
-                dir: d.join("session"),
-                state: Default::default(),
-            };
-            let begun = b.begin(&spec).unwrap();
-            let spec = SessionSpec {
-                state: begun.state,
-                ..spec
-            };
-            (sc.act)(&begun.merged).unwrap();
-            b.freeze(&spec).unwrap();
-            let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
-            b.move_down(&spec).unwrap();
-            sets.push(cs);
-            bases.push(d.join("base"));
-        }
-        let allowed: std::collections::BTreeMap<Vec<u8>, &str> =
-            (sc.expect)().into_iter().collect();
-        let symbols =
-            |cs: &layerpack_core::model::ChangeSet| -> std::collections::BTreeMap<Vec<u8>, char> {
-                cs.changes()
-                    .iter()
-                    .map(|c| (c.path.as_bytes().to_vec(), c.kind.symbol()))
-                    .collect()
-            };
-        let (a, b) = (symbols(&sets[0]), symbols(&sets[1]));
-        for path in a.keys().chain(b.keys()) {
-            let (x, y) = (
-                a.get(path).copied().unwrap_or('0'),
-                b.get(path).copied().unwrap_or('0'),
-            );
-            let ok = x == y
-                || allowed
-                    .get(path)
-                    .is_some_and(|s| s.contains(x) && s.contains(y));
-            if !ok {
-                problems.push(format!(
-                    "{}: {:?}: snapshot {x}, overlayfs {y}",
-                    sc.test_name(),
-                    String::from_utf8_lossy(path)
-                ));
-            }
-        }
-        if let Err(e) = compare_trees(&bases[0], &bases[1]) {
-            problems.push(format!(
-                "{}: bases differ after move-down: {e}",
-                sc.test_name()
-            ));
-        }
-    }
+    let problems = layerpack_tests::differ_from_snapshot(&*ovl, &work);
     fs::remove_dir_all(&work).unwrap();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     passed()

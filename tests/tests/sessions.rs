@@ -245,14 +245,64 @@ fn unknown_backend_lists_the_known_ones() {
     assert!(session_dirs(&fx.state()).is_empty());
 }
 
+/// A backend that never runs: it probes unavailable, and any call beyond
+/// the probe is a failure of the test.
+struct Never;
+
+impl layerpack_core::backend::LayerBackend for Never {
+    fn name(&self) -> &str {
+        "never"
+    }
+    fn capabilities(&self) -> layerpack_core::backend::Capabilities {
+        Default::default()
+    }
+    fn probe(&self) -> layerpack_core::backend::Probe {
+        layerpack_core::backend::Probe::Unavailable(layerpack_core::backend::Unavailable::Missing {
+            what: "/dev/never".into(),
+            hint: "nothing to do".into(),
+        })
+    }
+    fn begin(
+        &self,
+        _: &layerpack_core::backend::SessionSpec,
+    ) -> layerpack_core::Result<layerpack_core::backend::Begun> {
+        panic!("begin called on a backend that probes unavailable")
+    }
+    fn changes(
+        &self,
+        _: &layerpack_core::backend::SessionSpec,
+        _: &ChangeOptions,
+    ) -> layerpack_core::Result<layerpack_core::model::ChangeSet> {
+        panic!("changes called")
+    }
+    fn move_down(&self, _: &layerpack_core::backend::SessionSpec) -> layerpack_core::Result<()> {
+        panic!("move_down called")
+    }
+}
+
 #[test]
-fn unimplemented_backend_is_refused_before_anything_happens() {
-    let fx = Fixture::new("unimpl");
-    with_ctx(&fx.state(), |ctx| {
-        let e = ctx.init("p", &fx.root(), Some("fuse"), None).err().unwrap();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(e.to_string().contains("not implemented"), "{e}");
-    });
+fn a_backend_that_cannot_run_here_is_refused_before_anything_happens() {
+    let fx = Fixture::new("unavailable");
+    let mut registry = builtin_registry();
+    registry
+        .register(
+            "never",
+            layerpack_core::registry::Origin::BuiltIn,
+            Box::new(|_| Ok(Box::new(Never))),
+        )
+        .unwrap();
+    let config = Config::default();
+    let ctx = Context {
+        state: StateDir::open(&fx.state()).unwrap(),
+        registry: &registry,
+        config: &config,
+    };
+    let e = ctx
+        .init("p", &fx.root(), Some("never"), None)
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("/dev/never is missing"), "{e}");
     assert!(session_dirs(&fx.state()).is_empty());
 }
 
