@@ -522,15 +522,11 @@ impl App {
             .start(&format!("reading the layer of {package}"));
         let mut counts = None;
         let done = ctx.finish(package, how, &copts, |s, cs, content| {
-            let records_ownership = ctx
-                .backend(&s.backend)
-                .map(|b| b.capabilities().records_ownership)
-                .unwrap_or(false);
             let mut packaging = packaging::Packaging::decide(
                 &opts.pack,
                 version,
                 &self.config,
-                &packaging::Subject::of_session(s, records_ownership),
+                &packaging::Subject::of_session(s),
             )
             .map_err(core_err)?;
             let w = packaging.write(s, cs, content, &out).map_err(core_err)?;
@@ -1004,7 +1000,6 @@ impl App {
                     nix::unistd::geteuid().as_raw(),
                     nix::unistd::getegid().as_raw(),
                 )),
-                records_ownership: false,
             };
             let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
             p.publish = !provisional;
@@ -1036,7 +1031,6 @@ impl App {
                 package: extra,
                 version: Some(extra_version),
                 installer: None,
-                records_ownership: false,
             },
         )?;
         // Provisional: the ledger stays as the captures left it, so the

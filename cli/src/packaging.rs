@@ -115,18 +115,15 @@ pub struct Subject<'a> {
     pub version: Option<&'a str>,
     /// uid and gid the install ran as, when known.
     pub installer: Option<(u32, u32)>,
-    /// The backend recorded the owners an unprivileged install asked for.
-    pub records_ownership: bool,
 }
 
 impl<'a> Subject<'a> {
     /// The subject of a capture session.
-    pub fn of_session(s: &'a SessionFile, records_ownership: bool) -> Subject<'a> {
+    pub fn of_session(s: &'a SessionFile) -> Subject<'a> {
         Subject {
             package: &s.package,
             version: s.version.as_deref(),
             installer: s.installer,
-            records_ownership,
         }
     }
 }
@@ -139,7 +136,6 @@ impl Packaging {
         cfg: &Config,
         s: &Subject<'_>,
     ) -> Result<Packaging> {
-        let records_ownership = s.records_ownership;
         let (formats, explicit) = formats(args, cfg)?;
         let cli = MetaFields {
             version: version.map(str::to_string),
@@ -209,8 +205,11 @@ impl Packaging {
         {
             "keep" => Owners::Keep,
             "root" => Owners::Root,
+            // An unprivileged install: what it made without asking for an
+            // owner is root's (as Buildroot's image step makes it); owners
+            // a backend recorded for it are kept as asked.
             "auto" => match s.installer {
-                Some((uid, gid)) if uid != 0 && !records_ownership => Owners::MapUser { uid, gid },
+                Some((uid, gid)) if uid != 0 => Owners::MapUser { uid, gid },
                 _ => Owners::Keep,
             },
             other => bail!("owners = {other:?} in the config is not one of auto, keep, root"),

@@ -114,6 +114,53 @@ fn merged_gives_the_same_layers_as_the_snapshot_backend() -> Outcome {
     same_layers_as_snapshot(false)
 }
 
+/// Set in the copy of this test binary that runs as nobody.
+const AS_NOBODY_ENV: &str = "LAYERPACK_TEST_FUSE_AS_NOBODY";
+
+/// The differential check as an ordinary user, in place and merged: this
+/// test binary runs itself as nobody, for the test below.
+fn as_an_ordinary_user_the_layers_are_those_of_the_snapshot_backend() -> Outcome {
+    if let Some(o) = unprivileged_fuse() {
+        return o;
+    }
+    let d = scratch("differential-nobody");
+    give_to_nobody(&d);
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "differential_as_nobody", "--include-ignored"])
+        .env(AS_NOBODY_ENV, &d);
+    let o = as_nobody(&mut cmd).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("1 passed"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    no_mounts_below(&d);
+    fs::remove_dir_all(&d).unwrap();
+    passed()
+}
+
+/// Runs only as the copy started by the test above.
+fn differential_as_nobody() -> Outcome {
+    let Some(d) = std::env::var_os(AS_NOBODY_ENV).map(PathBuf::from) else {
+        return Ok(layerpack_tests::libtest_mimic::Completion::ignored_with(
+            "runs as nobody, started by as_an_ordinary_user_the_layers_are_those_of_the_snapshot_backend",
+        ));
+    };
+    assert!(!nix::unistd::geteuid().is_root());
+    let mut problems = Vec::new();
+    for in_place in [true, false] {
+        let work = d.join(if in_place { "in-place" } else { "merged" });
+        fs::create_dir_all(&work).unwrap();
+        problems.extend(layerpack_tests::differ_from_snapshot(
+            &backend(in_place),
+            &work,
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    passed()
+}
+
 fn the_scenarios_pass_as_an_ordinary_user_in_place_and_merged() -> Outcome {
     if let Some(o) = unprivileged_fuse() {
         return o;
@@ -209,6 +256,7 @@ fn an_unprivileged_install_gives_root_owned_setuid_files_and_devices() -> Outcom
     };
     let installed = sh(&format!(
         "install -o root -g root -m 4755 {} usr/bin/su; mkdir -p var/empty; chown root:root var/empty; \
+         mkdir -p opt/plain; echo x > opt/plain/f; \
          if mknod dev/null c 1 3 2>/dev/null; then echo mknod-worked; fi; \
          : > dev/null; setfattr -n user.containers.override_stat -v 0:0:0666:char-1-3 dev/null",
         d.join("su").display()
@@ -252,6 +300,12 @@ fn an_unprivileged_install_gives_root_owned_setuid_files_and_devices() -> Outcom
     assert!(l.contains(" 1,3 ") || l.contains(" 1, 3 "), "{l}");
     let (mode, owner, l) = entry("./var/empty/");
     assert!(mode == "drwxr-xr-x" && root_owned(&owner), "{l}");
+    // What the install made without asking for an owner is root's too
+    // (owners = auto, as Buildroot's image step does).
+    for p in ["./opt/plain/", "./opt/plain/f"] {
+        let (_, owner, l) = entry(p);
+        assert!(root_owned(&owner), "{l}");
+    }
     // The root keeps the record for every later reader (a repack, the
     // next capture): the folded placeholder says what it is.
     let rec = layerpack_core::tree::Record::read(
@@ -636,6 +690,8 @@ fn a_base_hard_link_stays_one_file_when_written_through_one_name() -> Outcome {
 }
 
 layerpack_tests::test_main!(
+    as_an_ordinary_user_the_layers_are_those_of_the_snapshot_backend,
+    differential_as_nobody,
     a_base_hard_link_stays_one_file_when_written_through_one_name,
     in_place_gives_the_same_layers_as_the_snapshot_backend,
     merged_gives_the_same_layers_as_the_snapshot_backend,
