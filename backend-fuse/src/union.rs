@@ -181,6 +181,9 @@ struct Inode {
     lfd: Option<Arc<OwnedFd>>,
     /// Recorded ownership (fake_owner only).
     ovr: Option<Override>,
+    /// Made by this mount and given no xattr since: `getxattr` needs no
+    /// call (the kernel asks for security.capability before writes).
+    no_xattrs: bool,
 }
 
 #[derive(Default)]
@@ -406,6 +409,7 @@ impl Union {
                 ufd: Some(Arc::new(upper)),
                 lfd: Some(Arc::new(lower)),
                 ovr: None,
+                no_xattrs: false,
             },
         );
         Union {
@@ -621,6 +625,7 @@ impl Union {
                             ufd: None,
                             lfd: None,
                             ovr: m.ovr,
+                            no_xattrs: false,
                         },
                     ));
                 }
@@ -648,6 +653,7 @@ impl Union {
                 ufd: None,
                 lfd: None,
                 ovr,
+                no_xattrs: false,
             },
         ))
     }
@@ -1188,7 +1194,15 @@ impl Union {
         opaque: bool,
         ovr: Option<Override>,
     ) -> R<Attr> {
-        if !self.opts.fake_owner {
+        // Made by the daemon: already its owner's (and the parent's group
+        // where the parent is setgid), which is right for a caller with
+        // the same ids.
+        let own = caller
+            == (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            );
+        if !self.opts.fake_owner && !own {
             let st = rustix::fs::fstat(pu).map_err(en)?;
             let gid = if st.st_mode as u32 & libc::S_ISGID != 0 {
                 None
@@ -1250,6 +1264,7 @@ impl Union {
                 lower: false,
                 ufd: fd,
                 lfd: None,
+                no_xattrs: ovr.is_none() && !opaque,
                 ovr,
             },
         )
@@ -2014,7 +2029,7 @@ impl Union {
 
     /// `getxattr` (`size` 0: the length only).
     pub fn getxattr(&self, ino: u64, name: &[u8], size: usize) -> R<Vec<u8>> {
-        if self.internal_xattr(name) {
+        if self.internal_xattr(name) || self.table().inodes.get(&ino).is_some_and(|n| n.no_xattrs) {
             return Err(libc::ENODATA);
         }
         let l = self.loc(ino)?;
@@ -2084,6 +2099,7 @@ impl Union {
             .map_err(en)?;
             if let Some(n) = self.table().inodes.get_mut(&ino) {
                 n.ovr = Some(o);
+                n.no_xattrs = false;
             }
             return Ok(());
         }
@@ -2092,6 +2108,9 @@ impl Union {
         }
         self.copy_up(ino)?;
         let l = self.loc(ino)?;
+        if let Some(n) = self.table().inodes.get_mut(&ino) {
+            n.no_xattrs = false;
+        }
         rustix::fs::lsetxattr(
             proc_path(l.dir.as_fd(), &l.name),
             name,
