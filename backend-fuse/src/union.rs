@@ -310,6 +310,20 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> CString {
     CString::new(p).unwrap_or_default()
 }
 
+/// The access and modification times of `st`, to set on another entry.
+fn stat_times(st: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime as _,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime as _,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    }
+}
+
 fn ts(t: SystemTime) -> Timespec {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     Timespec {
@@ -806,16 +820,7 @@ impl Union {
                 );
             }
         }
-        let times = Timestamps {
-            last_access: Timespec {
-                tv_sec: st.st_atime as _,
-                tv_nsec: st.st_atime_nsec as _,
-            },
-            last_modification: Timespec {
-                tv_sec: st.st_mtime as _,
-                tv_nsec: st.st_mtime_nsec as _,
-            },
-        };
+        let times = stat_times(st);
         rustix::fs::utimensat(work, tmp, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
         Ok(())
     }
@@ -831,16 +836,7 @@ impl Union {
     }
 
     fn restore_times(&self, dir: &OwnedFd, st: &Stat) {
-        let times = Timestamps {
-            last_access: Timespec {
-                tv_sec: st.st_atime as _,
-                tv_nsec: st.st_atime_nsec as _,
-            },
-            last_modification: Timespec {
-                tv_sec: st.st_mtime as _,
-                tv_nsec: st.st_mtime_nsec as _,
-            },
-        };
+        let times = stat_times(st);
         let _ = rustix::fs::utimensat(
             rustix::fs::CWD,
             proc_path(dir.as_fd(), b"."),

@@ -81,6 +81,26 @@ fn as_nobody(cmd: &mut Command) -> &mut Command {
     cmd.uid(NOBODY).gid(NOBODY).env("HOME", "/nonexistent")
 }
 
+/// Begin a session of `b` on `base` with its session directory in `d`:
+/// the spec to go on with and the merged path.
+fn open_session(b: &FuseBackend, d: &Path, base: &Path, package: &str) -> (SessionSpec, PathBuf) {
+    fs::create_dir(d.join("session")).unwrap();
+    let spec = SessionSpec {
+        package: package.into(),
+        base: fs::canonicalize(base).unwrap(),
+        dir: d.join("session"),
+        state: Default::default(),
+    };
+    let begun = b.begin(&spec).unwrap();
+    (
+        SessionSpec {
+            state: begun.state,
+            ..spec
+        },
+        begun.merged,
+    )
+}
+
 fn no_mounts_below(d: &Path) {
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let d = d.to_string_lossy();
@@ -331,22 +351,11 @@ fn a_killed_daemon_loses_no_base_data_and_final_packs_what_reached_the_layer() -
     fs::create_dir_all(base.join("etc")).unwrap();
     fs::write(base.join("etc/keep"), b"keep").unwrap();
     fs::write(base.join("etc/old"), b"old").unwrap();
-    fs::create_dir(d.join("session")).unwrap();
     let b = backend(true);
-    let spec = SessionSpec {
-        package: "killed".into(),
-        base: fs::canonicalize(&base).unwrap(),
-        dir: d.join("session"),
-        state: Default::default(),
-    };
-    let begun = b.begin(&spec).unwrap();
-    let spec = SessionSpec {
-        state: begun.state,
-        ..spec
-    };
-    fs::create_dir(begun.merged.join("usr")).unwrap();
-    fs::write(begun.merged.join("usr/done"), b"written before the kill").unwrap();
-    fs::remove_file(begun.merged.join("etc/old")).unwrap();
+    let (spec, merged) = open_session(&b, &d, &base, "killed");
+    fs::create_dir(merged.join("usr")).unwrap();
+    fs::write(merged.join("usr/done"), b"written before the kill").unwrap();
+    fs::remove_file(merged.join("etc/old")).unwrap();
     let daemon: serde_json::Value =
         serde_json::from_slice(&fs::read(d.join("session/daemon")).unwrap()).unwrap();
     let pid = daemon["pid"].as_u64().unwrap() as i32;
@@ -362,7 +371,7 @@ fn a_killed_daemon_loses_no_base_data_and_final_packs_what_reached_the_layer() -
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let err = fs::metadata(begun.merged.join("etc")).unwrap_err();
+    let err = fs::metadata(merged.join("etc")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(nix::libc::ENOTCONN), "{err}");
     match b.health(&spec) {
         Health::MountLost(why) => assert!(why.contains("gone"), "{why}"),
@@ -396,22 +405,11 @@ fn eight_parallel_writers_lose_nothing() -> Outcome {
     let d = scratch("parallel");
     let base = d.join("base");
     fs::create_dir_all(base.join("shared")).unwrap();
-    fs::create_dir(d.join("session")).unwrap();
     let b = backend(true);
-    let spec = SessionSpec {
-        package: "parallel".into(),
-        base: fs::canonicalize(&base).unwrap(),
-        dir: d.join("session"),
-        state: Default::default(),
-    };
-    let begun = b.begin(&spec).unwrap();
-    let spec = SessionSpec {
-        state: begun.state,
-        ..spec
-    };
+    let (spec, merged) = open_session(&b, &d, &base, "parallel");
     std::thread::scope(|s| {
         for w in 0..8 {
-            let m = begun.merged.clone();
+            let m = merged.clone();
             s.spawn(move || {
                 let own = m.join(format!("w{w}"));
                 fs::create_dir(&own).unwrap();
@@ -530,20 +528,9 @@ fn extract_through_the_mount(tarball: &Path, d: &Path, base_setup: impl Fn(&Path
         base_setup(t);
     }
     extract(tarball, &reference);
-    fs::create_dir(d.join("session")).unwrap();
     let b = backend(true);
-    let spec = SessionSpec {
-        package: "rootfs".into(),
-        base: fs::canonicalize(&base).unwrap(),
-        dir: d.join("session"),
-        state: Default::default(),
-    };
-    let begun = b.begin(&spec).unwrap();
-    let spec = SessionSpec {
-        state: begun.state,
-        ..spec
-    };
-    extract(tarball, &begun.merged);
+    let (spec, merged) = open_session(&b, d, &base, "rootfs");
+    extract(tarball, &merged);
     b.freeze(&spec).unwrap();
     b.changes(&spec, &ChangeOptions::default()).unwrap();
     b.move_down(&spec).unwrap();
@@ -599,20 +586,9 @@ fn a_busy_mount_is_not_unmounted_and_final_can_be_run_again() -> Outcome {
     let d = scratch("busy");
     let base = d.join("base");
     fs::create_dir_all(&base).unwrap();
-    fs::create_dir(d.join("session")).unwrap();
     let b = backend(false);
-    let spec = SessionSpec {
-        package: "busy".into(),
-        base: fs::canonicalize(&base).unwrap(),
-        dir: d.join("session"),
-        state: Default::default(),
-    };
-    let begun = b.begin(&spec).unwrap();
-    let spec = SessionSpec {
-        state: begun.state,
-        ..spec
-    };
-    let open = fs::File::create(begun.merged.join("held")).unwrap();
+    let (spec, merged) = open_session(&b, &d, &base, "busy");
+    let open = fs::File::create(merged.join("held")).unwrap();
     let err = b.freeze(&spec).unwrap_err();
     assert_eq!(err.kind(), layerpack_core::ErrorKind::Busy, "{err}");
     assert!(err.to_string().contains("still uses it"), "{err}");
@@ -638,31 +614,18 @@ fn a_base_hard_link_stays_one_file_when_written_through_one_name() -> Outcome {
     fs::write(base.join("bin/gzip"), b"old").unwrap();
     fs::hard_link(base.join("bin/gzip"), base.join("usr/bin/gunzip")).unwrap();
     fs::hard_link(base.join("bin/gzip"), base.join("bin/zcat")).unwrap();
-    fs::create_dir(d.join("session")).unwrap();
     let b = backend(true);
-    let spec = SessionSpec {
-        package: "gzip".into(),
-        base: fs::canonicalize(&base).unwrap(),
-        dir: d.join("session"),
-        state: Default::default(),
-    };
-    let begun = b.begin(&spec).unwrap();
-    let spec = SessionSpec {
-        state: begun.state,
-        ..spec
-    };
+    let (spec, merged) = open_session(&b, &d, &base, "gzip");
     // Only one name is ever looked up.
-    fs::write(begun.merged.join("bin/gzip"), b"new version").unwrap();
-    let m = fs::metadata(begun.merged.join("bin/gzip")).unwrap();
+    fs::write(merged.join("bin/gzip"), b"new version").unwrap();
+    let m = fs::metadata(merged.join("bin/gzip")).unwrap();
     assert_eq!(m.nlink(), 3);
     assert_eq!(
-        fs::read(begun.merged.join("usr/bin/gunzip")).unwrap(),
+        fs::read(merged.join("usr/bin/gunzip")).unwrap(),
         b"new version"
     );
     assert_eq!(
-        fs::metadata(begun.merged.join("usr/bin/gunzip"))
-            .unwrap()
-            .ino(),
+        fs::metadata(merged.join("usr/bin/gunzip")).unwrap().ino(),
         m.ino()
     );
     b.freeze(&spec).unwrap();
