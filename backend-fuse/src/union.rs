@@ -893,6 +893,12 @@ impl Union {
     /// Copy entry `ino` up (a directory without its children), with every
     /// known path of a hard-linked file.
     pub fn copy_up(&self, ino: u64) -> R<()> {
+        self.copy_up_with(ino, true)
+    }
+
+    /// [`Union::copy_up`]; a regular file's bytes are copied only when
+    /// `data` (an open with `O_TRUNC` drops them anyway).
+    fn copy_up_with(&self, ino: u64, data: bool) -> R<()> {
         let (upper, kind) = {
             let t = self.table();
             let n = t.inodes.get(&ino).ok_or(libc::ESTALE)?;
@@ -931,7 +937,15 @@ impl Union {
         let tmp = self.tmp_name();
         let work = self.work.as_fd();
         let made = match kind {
-            FileKind::File => self.copy_data(pl.as_fd(), &name, &tmp, st.st_size as u64),
+            FileKind::File if data => self.copy_data(pl.as_fd(), &name, &tmp, st.st_size as u64),
+            FileKind::File => rustix::fs::openat(
+                work,
+                &*tmp,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map(drop)
+            .map_err(en),
             FileKind::Symlink => {
                 let target = rustix::fs::readlinkat(pl.as_fd(), &*name, Vec::new()).map_err(en)?;
                 rustix::fs::symlinkat(target.as_bytes(), work, &*tmp).map_err(en)
@@ -1398,7 +1412,7 @@ impl Union {
     pub fn open(&self, ino: u64, flags: i32) -> R<Opened> {
         let acc = flags & libc::O_ACCMODE;
         if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            self.copy_up(ino)?;
+            self.copy_up_with(ino, flags & libc::O_TRUNC == 0)?;
         }
         let l = self.loc(ino)?;
         let fd = rustix::fs::openat(
