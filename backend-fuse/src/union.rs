@@ -733,6 +733,15 @@ impl Union {
         rustix::fs::statat(l.dir.as_fd(), &*l.name, AtFlags::SYMLINK_NOFOLLOW).map_err(en)
     }
 
+    /// The type inode `ino` has in its backing layer.
+    fn stored_kind(&self, ino: u64) -> R<FileKind> {
+        self.table()
+            .inodes
+            .get(&ino)
+            .map(|n| n.stored)
+            .ok_or(libc::ESTALE)
+    }
+
     fn ovr_of(&self, ino: u64) -> Option<Override> {
         self.table().inodes.get(&ino).and_then(|n| n.ovr)
     }
@@ -1541,12 +1550,7 @@ impl Union {
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> R<Attr> {
         self.copy_up(ino)?;
         let l = self.loc(ino)?;
-        let kind = self
-            .table()
-            .inodes
-            .get(&ino)
-            .map(|n| n.stored)
-            .ok_or(libc::ESTALE)?;
+        let kind = self.stored_kind(ino)?;
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.file(fh)).as_deref() {
                 Some(Handle::File(fd)) => rustix::fs::ftruncate(&**fd, size).map_err(en)?,
@@ -1858,12 +1862,7 @@ impl Union {
     /// `unlink` and `rmdir`.
     pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
         let ino = self.child(parent, name)?;
-        let kind = self
-            .table()
-            .inodes
-            .get(&ino)
-            .map(|n| n.stored)
-            .ok_or(libc::ESTALE)?;
+        let kind = self.stored_kind(ino)?;
         if dir && kind != FileKind::Dir {
             return Err(libc::ENOTDIR);
         }
@@ -1930,12 +1929,7 @@ impl Union {
             if flags & libc::RENAME_NOREPLACE != 0 {
                 return Err(libc::EEXIST);
             }
-            let tkind = self
-                .table()
-                .inodes
-                .get(&t)
-                .map(|n| n.stored)
-                .ok_or(libc::ESTALE)?;
+            let tkind = self.stored_kind(t)?;
             match (kind == FileKind::Dir, tkind == FileKind::Dir) {
                 (true, false) => return Err(libc::ENOTDIR),
                 (false, true) => return Err(libc::EISDIR),
@@ -1992,12 +1986,7 @@ impl Union {
 
     /// `link`: the source is copied up, then linked in the upper layer.
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> R<Attr> {
-        let kind = self
-            .table()
-            .inodes
-            .get(&ino)
-            .map(|n| n.stored)
-            .ok_or(libc::ESTALE)?;
+        let kind = self.stored_kind(ino)?;
         if kind == FileKind::Dir {
             return Err(libc::EPERM);
         }
@@ -2088,12 +2077,7 @@ impl Union {
             let o = Override::parse(value).ok_or(libc::EINVAL)?;
             self.copy_up(ino)?;
             let l = self.loc(ino)?;
-            let stored = self
-                .table()
-                .inodes
-                .get(&ino)
-                .map(|n| n.stored)
-                .ok_or(libc::ESTALE)?;
+            let stored = self.stored_kind(ino)?;
             if o.kind.is_some_and(|(k, _)| k != stored)
                 && (stored != FileKind::File || self.stat_loc(&l)?.st_size != 0)
             {
