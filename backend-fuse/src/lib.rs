@@ -279,42 +279,26 @@ impl FuseBackend {
         Ok(spec.base.clone())
     }
 
-    fn remove_files(spec: &SessionSpec) -> Result<()> {
-        let dir = layerpack_core::beneath::Beneath::open(&spec.dir)?;
-        for n in [
-            "upper",
-            "work",
-            "merged",
-            "daemon",
-            "daemon.tmp",
-            "daemon.log",
-            "requests",
-        ] {
-            dir.remove(
-                &layerpack_core::model::RelPath::from(n),
-                layerpack_core::beneath::Follow::Nothing,
-            )?;
+    /// The session layout the union backends share (`upper/`, `merged/`),
+    /// for its file removal and same-filesystem check.
+    fn union_session(spec: &SessionSpec) -> layerpack_core::union::UnionSession<'_> {
+        layerpack_core::union::UnionSession {
+            sys: &layerpack_core::sys::RealSys,
+            spec,
+            fstype: FSTYPES[0],
         }
-        Ok(())
+    }
+
+    fn remove_files(spec: &SessionSpec) -> Result<()> {
+        Self::union_session(spec).remove_files(
+            &["work"],
+            &["daemon", "daemon.tmp", "daemon.log", "requests"],
+        )
     }
 
     fn check_layer_dirs(&self, spec: &SessionSpec, upper: &Path) -> Result<String> {
         // The fold is a series of renames.
-        let dev = |p: &Path| {
-            use std::os::unix::fs::MetadataExt;
-            fs::metadata(p)
-                .map(|m| m.dev())
-                .map_err(io(p, "cannot stat"))
-        };
-        if dev(&spec.base)? != dev(upper)? {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the state directory is on another filesystem than the root {}; move-down would have to copy. Set state_dir (or --state-dir) to a directory on the root's filesystem",
-                    spec.base.display()
-                ),
-            ));
-        }
+        Self::union_session(spec).check_same_filesystem()?;
         // Whiteouts are 0/0 character devices (any user may make one since
         // Linux 5.8); overlay markers are xattrs.
         let probe = upper.join(".layerpack-whiteout-probe");

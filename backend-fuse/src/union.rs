@@ -254,6 +254,8 @@ pub struct Union {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
+    /// The daemon's own uid and gid.
+    ids: (u32, u32),
     /// Lower paths of every inode with several names, found on first need.
     links: std::sync::OnceLock<HashMap<u64, Vec<Vec<u8>>>>,
     /// Requests served.
@@ -287,6 +289,30 @@ fn read_dir(dir: BorrowedFd<'_>) -> R<rustix::fs::Dir> {
     )
     .map_err(en)?;
     rustix::fs::Dir::new(fd).map_err(en)
+}
+
+/// Make an empty regular file `name` in `dir` (a placeholder, or a copy
+/// whose bytes are not needed).
+fn create_empty(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> R<()> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map(drop)
+    .map_err(en)
+}
+
+/// Record `o` on entry `name` of `dir`.
+fn write_override(dir: BorrowedFd<'_>, name: &[u8], o: &Override) -> R<()> {
+    rustix::fs::lsetxattr(
+        proc_path(dir, name),
+        OVERRIDE_XATTR,
+        o.format().as_bytes(),
+        XattrFlags::empty(),
+    )
+    .map_err(en)
 }
 
 fn kind_of(st: &Stat) -> FileKind {
@@ -435,6 +461,10 @@ impl Union {
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
             links: std::sync::OnceLock::new(),
+            ids: (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
             counters: Counters::default(),
         }
     }
@@ -445,6 +475,17 @@ impl Union {
 
     fn marker(&self, name: &str) -> String {
         format!("{}.overlay.{name}", self.opts.marker_ns)
+    }
+
+    /// Mark directory `name` of `dir` opaque: nothing below shows through.
+    fn mark_opaque(&self, dir: BorrowedFd<'_>, name: &[u8]) -> R<()> {
+        rustix::fs::lsetxattr(
+            proc_path(dir, name),
+            self.marker("opaque").as_bytes(),
+            b"y",
+            XattrFlags::empty(),
+        )
+        .map_err(en)
     }
 
     fn origin_xattr(&self) -> String {
@@ -459,7 +500,7 @@ impl Union {
     }
 
     fn marks(&self, dir: BorrowedFd<'_>, name: &[u8], kind: FileKind) -> R<Marks> {
-        let mut m = Marks::default();
+        let m = Marks::default();
         // user.* xattrs exist only on files and directories.
         if self.opts.marker_ns == "user" && !matches!(kind, FileKind::File | FileKind::Dir) {
             return Ok(m);
@@ -480,9 +521,7 @@ impl Union {
         if n == 0 {
             return Ok(m);
         }
-        let list = buf[..n].to_vec();
-        m = self.marks_from(&path, &list, m)?;
-        Ok(m)
+        self.marks_from(&path, &buf[..n], m)
     }
 
     fn marks_from(&self, path: &CString, list: &[u8], mut m: Marks) -> R<Marks> {
@@ -947,14 +986,7 @@ impl Union {
         let work = self.work.as_fd();
         let made = match kind {
             FileKind::File if data => self.copy_data(pl.as_fd(), &name, &tmp, st.st_size as u64),
-            FileKind::File => rustix::fs::openat(
-                work,
-                &*tmp,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .map(drop)
-            .map_err(en),
+            FileKind::File => create_empty(work, &tmp, 0o600),
             FileKind::Symlink => {
                 let target = rustix::fs::readlinkat(pl.as_fd(), &*name, Vec::new()).map_err(en)?;
                 rustix::fs::symlinkat(target.as_bytes(), work, &*tmp).map_err(en)
@@ -962,27 +994,14 @@ impl Union {
             k if k.is_device() && self.opts.fake_owner => {
                 // A real device an unprivileged copy cannot make: a
                 // placeholder that records what it is.
-                let fd = rustix::fs::openat(
-                    work,
-                    &*tmp,
-                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(en)?;
-                drop(fd);
+                create_empty(work, &tmp, 0o600)?;
                 let o = Override {
                     uid: st.st_uid,
                     gid: st.st_gid,
                     mode: st.st_mode as u32 & 0o7777,
                     kind: Some((k, st.st_rdev)),
                 };
-                rustix::fs::lsetxattr(
-                    proc_path(work, &tmp),
-                    OVERRIDE_XATTR,
-                    o.format().as_bytes(),
-                    XattrFlags::empty(),
-                )
-                .map_err(en)?;
+                write_override(work, &tmp, &o)?;
                 let mut t = self.table();
                 if let Some(n) = t.inodes.get_mut(&ino) {
                     n.ovr = Some(o);
@@ -1216,11 +1235,7 @@ impl Union {
         // Made by the daemon: already its owner's (and the parent's group
         // where the parent is setgid), which is right for a caller with
         // the same ids.
-        let own = caller
-            == (
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            );
+        let own = caller == self.ids;
         if !self.opts.fake_owner && !own {
             let st = rustix::fs::fstat(pu).map_err(en)?;
             let gid = if st.st_mode as u32 & libc::S_ISGID != 0 {
@@ -1238,22 +1253,10 @@ impl Union {
             .map_err(en)?;
         }
         if opaque {
-            rustix::fs::lsetxattr(
-                proc_path(pu.as_fd(), name),
-                self.marker("opaque").as_bytes(),
-                b"y",
-                XattrFlags::empty(),
-            )
-            .map_err(en)?;
+            self.mark_opaque(pu.as_fd(), name)?;
         }
         if let Some(o) = &ovr {
-            rustix::fs::lsetxattr(
-                proc_path(pu.as_fd(), name),
-                OVERRIDE_XATTR,
-                o.format().as_bytes(),
-                XattrFlags::empty(),
-            )
-            .map_err(en)?;
+            write_override(pu.as_fd(), name, o)?;
         }
         let st = rustix::fs::statat(pu.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
         let kind = kind_of(&st);
@@ -1327,14 +1330,7 @@ impl Union {
         );
         let mut ovr = None;
         if kind.is_device() && self.opts.fake_owner {
-            let fd = rustix::fs::openat(
-                pu.as_fd(),
-                name,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .map_err(en)?;
-            drop(fd);
+            create_empty(pu.as_fd(), name, 0o600)?;
             ovr = Some(Override {
                 uid: caller.0,
                 gid: caller.1,
@@ -1342,14 +1338,7 @@ impl Union {
                 kind: Some((kind, dev)),
             });
         } else if kind == FileKind::File {
-            let fd = rustix::fs::openat(
-                pu.as_fd(),
-                name,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(perm),
-            )
-            .map_err(en)?;
-            drop(fd);
+            create_empty(pu.as_fd(), name, perm)?;
         } else {
             rustix::fs::mknodat(
                 pu.as_fd(),
@@ -1643,13 +1632,7 @@ impl Union {
         }
         if self.opts.fake_owner && ovr != self.ovr_of(ino) {
             if let Some(o) = &ovr {
-                rustix::fs::lsetxattr(
-                    proc_path(l.dir.as_fd(), &l.name),
-                    OVERRIDE_XATTR,
-                    o.format().as_bytes(),
-                    XattrFlags::empty(),
-                )
-                .map_err(en)?;
+                write_override(l.dir.as_fd(), &l.name, o)?;
             }
             let mut t = self.table();
             if let Some(n) = t.inodes.get_mut(&ino) {
@@ -1957,13 +1940,7 @@ impl Union {
                 .as_ref()
                 .is_some_and(|s| kind_of(s) == FileKind::Dir)
         {
-            rustix::fs::lsetxattr(
-                proc_path(npu.as_fd(), newname),
-                self.marker("opaque").as_bytes(),
-                b"y",
-                XattrFlags::empty(),
-            )
-            .map_err(en)?;
+            self.mark_opaque(npu.as_fd(), newname)?;
         }
         if self.lower_has(parent, name)?.is_some() {
             self.whiteout(&pu, name)?;
@@ -2037,7 +2014,7 @@ impl Union {
         if size == 0 {
             return Ok(vec![0; len]);
         }
-        let mut v = vec![0u8; len.min(size).max(len)];
+        let mut v = vec![0u8; len];
         let n = rustix::fs::lgetxattr(&p, name, &mut v[..]).map_err(en)?;
         v.truncate(n);
         Ok(v)
@@ -2084,13 +2061,7 @@ impl Union {
                 // Only an empty regular file can stand for another type.
                 return Err(libc::EINVAL);
             }
-            rustix::fs::lsetxattr(
-                proc_path(l.dir.as_fd(), &l.name),
-                OVERRIDE_XATTR,
-                o.format().as_bytes(),
-                XattrFlags::empty(),
-            )
-            .map_err(en)?;
+            write_override(l.dir.as_fd(), &l.name, &o)?;
             if let Some(n) = self.table().inodes.get_mut(&ino) {
                 n.ovr = Some(o);
                 n.no_xattrs = false;
