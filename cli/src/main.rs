@@ -198,6 +198,7 @@ struct App {
 }
 
 fn main() -> ExitCode {
+    layerpack_core::sys::map_large_allocations();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

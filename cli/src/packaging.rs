@@ -356,11 +356,11 @@ impl Packaging {
                 ));
             }
             if self.formats.contains(&Format::Deb) {
-                for e in plan.entries.iter().filter(|e| !e.xattrs.is_empty()) {
+                for e in plan.entries.iter().filter(|e| !e.xattrs().is_empty()) {
                     self.notes.push(format!(
                         "{}: the deb carries no xattrs (dpkg refuses PAX headers); {}",
                         e.path,
-                        if e.xattrs.contains_key(&b"security.capability"[..]) {
+                        if e.xattrs().contains_key(&b"security.capability"[..]) {
                             "its postinst sets the file capabilities"
                         } else {
                             "they are not installed by dpkg"
@@ -405,7 +405,7 @@ impl Packaging {
         for (other, paths) in &c.taken {
             ledger.disown(other, paths);
         }
-        ledger.set(std::mem::take(&mut c.record));
+        ledger.set(c.take_record(cs));
         Ok(Written {
             paths: written,
             counts: c.counts,

@@ -69,7 +69,7 @@ mod hex_hash {
         Ok(Some(out))
     }
 }
-use crate::session::{lock_file, write_atomic, write_atomic_with, LockGuard};
+use crate::session::{lock_file, write_atomic_with, LockGuard};
 use crate::{Error, ErrorKind, Result};
 
 /// Version of the ledger's format.
@@ -368,21 +368,22 @@ impl Ledger {
             serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::from)?;
             w.write_all(b"\n")
         })?;
-        let mut text = Vec::new();
         let mut unlisted = Vec::new();
-        for p in &self.packages {
-            for f in p.files.iter().filter(|f| f.kind != FileKind::Dir) {
-                if f.path.contains(&b'\n') {
-                    unlisted.push((p.name.clone(), escape_bytes(&f.path)));
-                    continue;
+        write_atomic_with(&self.out.join(FILE_LIST), |w| {
+            for p in &self.packages {
+                for f in p.files.iter().filter(|f| f.kind != FileKind::Dir) {
+                    if f.path.contains(&b'\n') {
+                        unlisted.push((p.name.clone(), escape_bytes(&f.path)));
+                        continue;
+                    }
+                    w.write_all(p.name.as_bytes())?;
+                    w.write_all(b",./")?;
+                    w.write_all(&f.path)?;
+                    w.write_all(b"\n")?;
                 }
-                text.extend_from_slice(p.name.as_bytes());
-                text.extend_from_slice(b",./");
-                text.extend_from_slice(&f.path);
-                text.push(b'\n');
             }
-        }
-        write_atomic(&self.out.join(FILE_LIST), &text)?;
+            Ok(())
+        })?;
         Ok(unlisted)
     }
 }

@@ -441,6 +441,8 @@ impl ChangeSet {
     pub fn from_unsorted(mut changes: Vec<Change>) -> ChangeSet {
         changes.sort_by(|a, b| a.path.cmp(&b.path));
         changes.dedup_by(|a, b| a.path == b.path);
+        // Held through the whole of `final`: no room to spare.
+        changes.shrink_to_fit();
         let mut renumber = BTreeMap::new();
         for c in &mut changes {
             if let Some(g) = c.meta.link_group {

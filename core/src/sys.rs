@@ -403,6 +403,22 @@ impl Sys for FakeSys {
     }
 }
 
+/// Have glibc map large allocations (4 MiB and more: the change set, the
+/// plan, the ledger's lists) on their own and give them back when freed.
+/// Its default threshold slides up to 32 MiB as big blocks are freed, so a
+/// list that grows by doubling leaves its old copies in the heap, where
+/// they stay resident: a 200k-change `final` peaked 15 % higher for that.
+/// Elsewhere (other C libraries) this does nothing.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt takes two integers and only sets a tunable of the
+    // allocator; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -565,16 +565,16 @@ fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String>
         .iter()
         .map(|en| {
             let name = [b"./".as_slice(), en.path.as_bytes()].concat();
-            let (ty, link) = match (&en.hardlink_to, en.kind) {
+            let (ty, link) = match (en.hardlink_to(), en.kind()) {
                 (Some(first), _) => ("1", [b"./".as_slice(), first.as_bytes()].concat()),
-                (None, FileKind::Symlink) => ("2", en.link_target.clone().unwrap()),
+                (None, FileKind::Symlink) => ("2", en.link_target().unwrap().to_vec()),
                 (None, FileKind::Dir) => ("5", vec![]),
                 (None, FileKind::CharDevice) => ("3", vec![]),
                 (None, FileKind::BlockDevice) => ("4", vec![]),
                 (None, FileKind::Fifo) => ("6", vec![]),
                 _ => ("0", vec![]),
             };
-            let size = if ty == "0" { en.size } else { 0 };
+            let size = if ty == "0" { en.size() } else { 0 };
             serde_json::json!([b64(&name), en.mode, en.uid, en.gid, ty, b64(&link), size])
         })
         .collect();
@@ -616,7 +616,7 @@ fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String>
         if printable {
             for (l, en) in lines.iter().zip(&plan.entries) {
                 let mut want = [b"./".as_slice(), en.path.as_bytes()].concat();
-                if en.kind == FileKind::Dir {
+                if en.kind() == FileKind::Dir {
                     want.push(b'/');
                 }
                 if *l != want.as_slice() {

@@ -15,10 +15,11 @@
 //!   moves to this package, whose control then says `Replaces:` the other;
 //!   a content edit of another package's file also says `Depends:` on it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use super::{private_path, Edit, Item, Source};
+use super::{private_path, Edit, MetaRef, PlannedEntry, Source};
 use crate::ledger::{EditRecord, Ledger, OwnedPath, PackageRecord};
 use crate::model::{ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::Record;
@@ -108,9 +109,9 @@ pub struct Counts {
 
 /// The package of one capture.
 #[derive(Debug, Default)]
-pub struct Composition {
+pub struct Composition<'a> {
     /// The entries, in no particular order.
-    pub items: Vec<Item>,
+    pub items: Vec<PlannedEntry<'a>>,
     /// Deletions of paths it does not own, `ship` policy (no way back).
     pub deletions: Vec<RelPath>,
     /// Edits carried by scripts.
@@ -121,8 +122,12 @@ pub struct Composition {
     pub depends: BTreeSet<String>,
     /// Paths that moved to this package from another: (package, paths).
     pub taken: BTreeMap<String, BTreeSet<Vec<u8>>>,
-    /// The package's ledger record after this capture.
+    /// The package's ledger record after this capture, but for its files:
+    /// [`Composition::take_record`] adds them once the packages are written
+    /// (the list is as long as the layer, and needed only then).
     pub record: PackageRecord,
+    /// Files owned earlier and kept (left alone by this install).
+    kept: Vec<OwnedPath>,
     /// The routes taken, counted.
     pub counts: Counts,
     /// The route of each change of the layer, in the change set's order.
@@ -140,35 +145,66 @@ fn owned(path: &RelPath, kind: FileKind, sha: Option<[u8; 32]>) -> OwnedPath {
     }
 }
 
+impl Composition<'_> {
+    /// The package's ledger record, with every file it owns after this
+    /// capture: those of `cs` (the change set it was composed from) that
+    /// it ships as its own, and those it kept.
+    pub fn take_record(&mut self, cs: &ChangeSet) -> PackageRecord {
+        let mut record = std::mem::take(&mut self.record);
+        let mut files = std::mem::take(&mut self.kept);
+        files.reserve(self.counts.from_layer + self.counts.shipped);
+        for (ch, route) in cs.changes().iter().zip(&self.routes) {
+            let own = match route {
+                Route::Owned => true,
+                Route::Ship => ch.kind != ChangeKind::Deleted,
+                _ => false,
+            };
+            if own {
+                files.push(owned(&ch.path, ch.meta.kind, ch.meta.sha256));
+            }
+        }
+        // A path is kept once, with its first record.
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        files.dedup_by(|later, first| later.path == first.path);
+        record.files = files;
+        record
+    }
+}
+
 /// Compose the package of `name` (written as `package`) from the layer
 /// `cs` and the ledger; the base is `base`.
-pub fn compose(
+pub fn compose<'a>(
     name: &str,
     package: &str,
     version: Option<&str>,
     ledger: &Ledger,
-    cs: &ChangeSet,
+    cs: &'a ChangeSet,
     base: &Path,
     policy: ForeignPolicy,
-) -> Result<Composition> {
+) -> Result<Composition<'a>> {
     let prev = ledger.get(name).cloned().unwrap_or_default();
     let others = ledger.owners_except(name);
     let prev_owned: BTreeMap<&[u8], &OwnedPath> =
         prev.files.iter().map(|o| (o.path.as_slice(), o)).collect();
     let prev_edits: BTreeMap<&[u8], &EditRecord> =
         prev.edits.iter().map(|e| (e.path.as_slice(), e)).collect();
-    let mut c = Composition::default();
-    let mut owned_after: BTreeMap<Vec<u8>, OwnedPath> = BTreeMap::new();
+    let mut c = Composition {
+        items: Vec::with_capacity(cs.len()),
+        routes: Vec::with_capacity(cs.len()),
+        ..Composition::default()
+    };
     let mut edits_after: BTreeMap<Vec<u8>, EditRecord> = BTreeMap::new();
     let mut refused = Vec::new();
     for ch in cs.changes() {
         let key = ch.path.as_bytes();
         let m = &ch.meta;
-        let layer_item = |name: RelPath| Item {
-            name,
-            meta: m.clone(),
-            source: Source::Layer,
-            src: ch.path.clone(),
+        let layer_item = |name: Cow<'a, RelPath>| {
+            PlannedEntry::captured(
+                name,
+                MetaRef::Borrowed(m),
+                Source::Layer,
+                Cow::Borrowed(&ch.path),
+            )
         };
         // A path the package edited earlier keeps its original owner,
         // even when this install re-created what it had deleted.
@@ -200,8 +236,7 @@ pub fn compose(
                     .or_default()
                     .insert(key.to_vec());
             }
-            owned_after.insert(key.to_vec(), owned(&ch.path, m.kind, m.sha256));
-            c.items.push(layer_item(ch.path.clone()));
+            c.items.push(layer_item(Cow::Borrowed(&ch.path)));
             c.counts.from_layer += 1;
             continue;
         };
@@ -211,7 +246,7 @@ pub fn compose(
         if m.kind == FileKind::Dir && ch.kind != ChangeKind::Deleted {
             // Directories are shared: a changed one is shipped as a
             // directory entry, owned by nobody new.
-            c.items.push(layer_item(ch.path.clone()));
+            c.items.push(layer_item(Cow::Borrowed(&ch.path)));
             c.routes.push(Route::SharedDir);
             continue;
         }
@@ -244,8 +279,7 @@ pub fn compose(
                 if deleted {
                     c.deletions.push(ch.path.clone());
                 } else {
-                    c.items.push(layer_item(ch.path.clone()));
-                    owned_after.insert(key.to_vec(), owned(&ch.path, m.kind, m.sha256));
+                    c.items.push(layer_item(Cow::Borrowed(&ch.path)));
                     if let Some(o) = owner {
                         c.taken
                             .entry(o.to_string())
@@ -258,7 +292,8 @@ pub fn compose(
                 c.counts.diverted += 1;
                 c.routes.push(Route::Divert);
                 if !deleted {
-                    c.items.push(layer_item(private_path(package, &ch.path)));
+                    c.items
+                        .push(layer_item(Cow::Owned(private_path(package, &ch.path))));
                 }
                 c.edits.push(Edit {
                     path: ch.path.clone(),
@@ -298,22 +333,13 @@ pub fn compose(
             ),
         ));
     }
-    carry_forward(
-        ledger,
-        package,
-        &prev,
-        cs,
-        base,
-        &mut c,
-        &mut owned_after,
-        &mut edits_after,
-    )?;
+    carry_forward(ledger, package, &prev, cs, base, &mut c, &mut edits_after)?;
     c.edits.sort_by(|a, b| a.path.cmp(&b.path));
     c.record = PackageRecord {
         name: name.to_string(),
         package: Some(package.to_string()),
         version: version.map(str::to_string),
-        files: owned_after.into_values().collect(),
+        files: Vec::new(),
         edits: edits_after.into_values().collect(),
         published: prev.published.clone(),
     };
@@ -329,8 +355,7 @@ fn carry_forward(
     prev: &PackageRecord,
     cs: &ChangeSet,
     base: &Path,
-    c: &mut Composition,
-    owned_after: &mut BTreeMap<Vec<u8>, OwnedPath>,
+    c: &mut Composition<'_>,
     edits_after: &mut BTreeMap<Vec<u8>, EditRecord>,
 ) -> Result<()> {
     // Hard links among the kept entries, by inode.
@@ -353,20 +378,22 @@ fn carry_forward(
     };
     for o in &prev.files {
         let path = RelPath::parse_for(&o.path, "ledger path")?;
-        if cs.get(&path).is_some() || owned_after.contains_key(&o.path) {
+        // A path of the layer was decided above (a duplicate in the
+        // ledger is dropped by the caller's dedup).
+        if cs.get(&path).is_some() {
             continue;
         }
         match stat(&path)? {
             Some(m) => {
                 let mut o = o.clone();
                 o.kind = m.kind;
-                owned_after.insert(o.path.clone(), o);
-                c.items.push(Item {
-                    name: path.clone(),
-                    meta: m,
-                    source: Source::Base,
-                    src: path,
-                });
+                c.kept.push(o);
+                c.items.push(PlannedEntry::captured(
+                    Cow::Owned(path.clone()),
+                    m.into(),
+                    Source::Base,
+                    Cow::Owned(path),
+                ));
                 c.counts.kept += 1;
             }
             None => {
@@ -384,12 +411,12 @@ fn carry_forward(
         }
         let now = stat(&path)?;
         match (e.deleted, now) {
-            (false, Some(m)) => c.items.push(Item {
-                name: private_path(package, &path),
-                meta: m,
-                source: Source::Base,
-                src: path.clone(),
-            }),
+            (false, Some(m)) => c.items.push(PlannedEntry::captured(
+                Cow::Owned(private_path(package, &path)),
+                m.into(),
+                Source::Base,
+                Cow::Owned(path.clone()),
+            )),
             (true, None) => {}
             _ => continue,
         }

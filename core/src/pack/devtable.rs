@@ -10,10 +10,9 @@
 //! `count`, names `name<start>`, `name<start+1>`, … are made, minors
 //! increasing by `inc`. Owners are numeric, or `root`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::PlannedEntry;
+use super::{Entries, PlannedEntry};
 use crate::model::{FileKind, RelPath};
 use crate::{Error, ErrorKind, Result};
 
@@ -123,39 +122,29 @@ fn set(e: &mut PlannedEntry, d: &DevEntry) {
     }
 }
 
-fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry {
-    PlannedEntry {
-        src: None,
-        path,
-        source: super::Source::Synthetic,
-        kind,
-        mode: d.mode.unwrap_or(0o644) & 0o7777,
-        uid: d.uid.unwrap_or(0),
-        gid: d.gid.unwrap_or(0),
-        size: 0,
-        mtime: 0,
-        link_target: None,
-        rdev: if kind.is_device() {
-            (d.major, minor)
-        } else {
-            (0, 0)
-        },
-        hardlink_to: None,
-        sha256: None,
-        xattrs: Default::default(),
-    }
+fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry<'static> {
+    let rdev = if kind.is_device() {
+        (d.major, minor)
+    } else {
+        (0, 0)
+    };
+    let mut e = PlannedEntry::made_up(path, super::Source::Synthetic, kind, rdev);
+    e.mode = d.mode.unwrap_or(0o644) & 0o7777;
+    e.uid = d.uid.unwrap_or(0);
+    e.gid = d.gid.unwrap_or(0);
+    e
 }
 
 /// Apply the table to the planned entries.
 pub fn apply_table(
     table: &[DevEntry],
-    map: &mut BTreeMap<RelPath, PlannedEntry>,
+    map: &mut Entries<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     for d in table {
         match d.kind {
             'f' | 'F' => match map.get_mut(&d.path) {
-                Some(e) if e.kind == FileKind::File => set(e, d),
+                Some(e) if e.kind() == FileKind::File => set(e, d),
                 _ if d.kind == 'F' => {}
                 _ => warnings.push(format!(
                     "{}: {} is not a file of this package; line skipped",
@@ -173,7 +162,8 @@ pub fn apply_table(
                     chain.push(p);
                 }
                 for (i, p) in chain.into_iter().enumerate() {
-                    let e = map.entry(p.clone()).or_insert_with(|| {
+                    let key = p.clone();
+                    let e = map.get_or_insert_with(&key, || {
                         let mut n = node(p, FileKind::Dir, d, 0);
                         n.mode = 0o755;
                         n
@@ -185,8 +175,8 @@ pub fn apply_table(
             }
             'r' => {
                 let mut hit = false;
-                for (p, e) in map.iter_mut() {
-                    if p.starts_with(&d.path) {
+                for e in map.iter_mut() {
+                    if e.path.starts_with(&d.path) {
                         set(e, d);
                         hit = true;
                     }
@@ -205,14 +195,14 @@ pub fn apply_table(
                     _ => FileKind::Fifo,
                 };
                 if d.count == 0 {
-                    map.insert(d.path.clone(), node(d.path.clone(), kind, d, d.minor));
+                    map.insert(node(d.path.clone(), kind, d, d.minor));
                 } else {
                     for i in 0..d.count {
                         let n = d.start + i;
                         let mut name = d.path.as_bytes().to_vec();
                         name.extend_from_slice(n.to_string().as_bytes());
                         let p = RelPath::from_normalized(name);
-                        map.insert(p.clone(), node(p, kind, d, d.minor + i * d.inc));
+                        map.insert(node(p, kind, d, d.minor + i * d.inc));
                     }
                 }
             }
@@ -246,12 +236,16 @@ mod tests {
     #[test]
     fn creates_device_batches() {
         let t = parse("/dev/hda b 640 0 0 3 1 1 1 15\n", Path::new("t")).unwrap();
-        let mut map = BTreeMap::new();
+        let mut map = Entries::default();
         apply_table(&t, &mut map, &mut Vec::new()).unwrap();
         assert_eq!(map.len(), 15);
-        let last = &map[&RelPath::from("dev/hda15")];
+        let all = map.into_sorted();
+        let last = all
+            .iter()
+            .find(|e| *e.path == RelPath::from("dev/hda15"))
+            .unwrap();
         assert_eq!(
-            (last.kind, last.rdev, last.mode),
+            (last.kind(), last.rdev(), last.mode),
             (FileKind::BlockDevice, (3, 15), 0o640)
         );
     }

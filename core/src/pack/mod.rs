@@ -20,6 +20,7 @@ pub mod scripts;
 pub mod tarw;
 pub mod version;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -425,54 +426,178 @@ pub enum Source {
     Synthetic,
 }
 
-/// One entry of a package, fully decided.
+/// Metadata read by an item or a planned entry: borrowed from the change
+/// set it came from, or owned (an entry read from the base, a directory or
+/// device node made up for the package).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedEntry {
+pub enum MetaRef<'a> {
+    /// An entry of the change set.
+    Borrowed(&'a Meta),
+    /// Read or made up for this package.
+    Owned(Box<Meta>),
+}
+
+impl std::ops::Deref for MetaRef<'_> {
+    type Target = Meta;
+    fn deref(&self) -> &Meta {
+        match self {
+            MetaRef::Borrowed(m) => m,
+            MetaRef::Owned(m) => m,
+        }
+    }
+}
+
+impl From<Meta> for MetaRef<'_> {
+    fn from(m: Meta) -> Self {
+        MetaRef::Owned(Box::new(m))
+    }
+}
+
+/// One entry of a package, fully decided. What it is (type, size, link
+/// target, device numbers, hash) is read from the metadata it came with;
+/// what the package says of it (mode, owners, mtime) is decided here.
+/// Paths and metadata are borrowed from the change set where they can be,
+/// so a plan costs a small fixed size per entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEntry<'a> {
     /// Path in the package.
-    pub path: RelPath,
+    pub path: Cow<'a, RelPath>,
     /// Where the content is read from, and the path there (differs from
     /// `path` for the private copy of an edit to a file the package does
     /// not own).
     pub source: Source,
-    /// Path under the source root, when it is not `path`.
-    pub src: Option<RelPath>,
-    /// Type.
-    pub kind: FileKind,
     /// Permission bits.
     pub mode: u32,
     /// Owner.
     pub uid: u32,
     /// Group.
     pub gid: u32,
-    /// Size of regular files.
-    pub size: u64,
     /// mtime, seconds.
     pub mtime: i64,
-    /// Symlink target.
-    pub link_target: Option<Vec<u8>>,
-    /// Device numbers.
-    pub rdev: (u32, u32),
-    /// Earlier path this is a hard link to.
-    pub hardlink_to: Option<RelPath>,
-    /// Content hash recorded when the layer was read.
-    pub sha256: Option<[u8; 32]>,
-    /// Extended attributes the package carries (`security.capability`,
-    /// `user.*`, `trusted.*`), sorted by name.
-    pub xattrs: Xattrs,
+    meta: MetaRef<'a>,
+    /// What few entries have, out of line to keep the common entry small.
+    rare: Option<Box<Rare<'a>>>,
 }
 
-/// One entry to package: its name in the package, what it is, and where
-/// its content is.
-#[derive(Clone, Debug)]
-pub struct Item {
-    /// Path in the package.
-    pub name: RelPath,
-    /// Metadata as captured (owners before the owner policy).
-    pub meta: Meta,
-    /// Where the content is.
-    pub source: Source,
-    /// Path under the source root.
-    pub src: RelPath,
+/// The parts of a planned entry most entries lack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rare<'a> {
+    /// Path under the source root, when it is not `path`.
+    src: Option<Cow<'a, RelPath>>,
+    /// Earlier path this is a hard link to.
+    hardlink_to: Option<Cow<'a, RelPath>>,
+    /// The carried xattrs when they are not all of `meta`'s.
+    xattrs: Option<Xattrs>,
+}
+
+impl<'a> PlannedEntry<'a> {
+    /// An entry that no change set holds (a parent directory, a device
+    /// table's node): `kind`, the device number `rdev`, nothing else.
+    pub fn made_up(path: RelPath, source: Source, kind: FileKind, rdev: (u32, u32)) -> Self {
+        let mut meta = Meta::new(kind, 0o755);
+        if kind.is_device() {
+            meta.rdev = Some(rdev);
+        }
+        PlannedEntry {
+            path: Cow::Owned(path),
+            source,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            meta: meta.into(),
+            rare: None,
+        }
+    }
+
+    /// An entry to package as it was captured: `name` in the package,
+    /// what `meta` says of it, its content at `src` under the root of
+    /// `source`. [`Plan::build`] decides owners, mode and the rest.
+    pub fn captured(
+        name: Cow<'a, RelPath>,
+        meta: MetaRef<'a>,
+        source: Source,
+        src: Cow<'a, RelPath>,
+    ) -> Self {
+        let rare = (src != name).then(|| {
+            Box::new(Rare {
+                src: Some(src),
+                ..Rare::default()
+            })
+        });
+        PlannedEntry {
+            path: name,
+            source,
+            mode: meta.mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: meta.mtime_ns.div_euclid(1_000_000_000),
+            meta,
+            rare,
+        }
+    }
+
+    /// The metadata as captured (owners before the owner policy).
+    pub fn captured_meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    fn rare(&self) -> Option<&Rare<'a>> {
+        self.rare.as_deref()
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare<'a> {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Earlier path this is a hard link to.
+    pub fn hardlink_to(&self) -> Option<&RelPath> {
+        self.rare()?.hardlink_to.as_deref()
+    }
+
+    /// Type.
+    pub fn kind(&self) -> FileKind {
+        self.meta.kind
+    }
+
+    /// Size of regular files (0 for everything else).
+    pub fn size(&self) -> u64 {
+        if self.meta.kind == FileKind::File {
+            self.meta.size
+        } else {
+            0
+        }
+    }
+
+    /// Symlink target.
+    pub fn link_target(&self) -> Option<&[u8]> {
+        self.meta.link_target.as_deref()
+    }
+
+    /// Device numbers ((0, 0) for what is not a device).
+    pub fn rdev(&self) -> (u32, u32) {
+        self.meta.rdev.unwrap_or((0, 0))
+    }
+
+    /// Content hash recorded when the layer was read.
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        self.meta.sha256
+    }
+
+    /// Extended attributes the package carries (`security.capability`,
+    /// `user.*`, `trusted.*`), sorted by name.
+    pub fn xattrs(&self) -> &Xattrs {
+        self.rare()
+            .and_then(|r| r.xattrs.as_ref())
+            .unwrap_or(&self.meta.xattrs)
+    }
+
+    /// Where the content is read, under the source's root.
+    pub fn src_path(&self) -> &RelPath {
+        self.rare()
+            .and_then(|r| r.src.as_deref())
+            .unwrap_or(&self.path)
+    }
 }
 
 /// An edit to a path the package does not own, carried by maintainer
@@ -488,9 +613,9 @@ pub struct Edit {
 
 /// The entries of a package, and what could not be included.
 #[derive(Debug, Default)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// Entries in path order.
-    pub entries: Vec<PlannedEntry>,
+    pub entries: Vec<PlannedEntry<'a>>,
     /// Deleted base paths removed by the generated `postinst` with no way
     /// back (policy `ship`), children first.
     pub deletions: Vec<RelPath>,
@@ -506,6 +631,123 @@ pub struct Plan {
     pub layer_root: PathBuf,
     /// Where [`Source::Base`] entries are read.
     pub base_root: PathBuf,
+}
+
+/// The entries of a plan while it is built: those of the items, in path
+/// order, and the few made up for them (parent directories, device-table
+/// nodes) on the side until the two are merged.
+#[derive(Default)]
+pub struct Entries<'a> {
+    sorted: Vec<PlannedEntry<'a>>,
+    extra: BTreeMap<RelPath, PlannedEntry<'a>>,
+}
+
+impl<'a> Entries<'a> {
+    fn position(&self, path: &RelPath) -> std::result::Result<usize, usize> {
+        self.sorted.binary_search_by(|e| e.path.as_ref().cmp(path))
+    }
+
+    /// True when `path` has an entry.
+    pub fn contains(&self, path: &RelPath) -> bool {
+        self.position(path).is_ok() || self.extra.contains_key(path)
+    }
+
+    /// The entry of `path`.
+    pub fn get_mut(&mut self, path: &RelPath) -> Option<&mut PlannedEntry<'a>> {
+        match self.position(path) {
+            Ok(i) => Some(&mut self.sorted[i]),
+            Err(_) => self.extra.get_mut(path),
+        }
+    }
+
+    /// The entry of `path`, made by `make` when there is none.
+    pub fn get_or_insert_with(
+        &mut self,
+        path: &RelPath,
+        make: impl FnOnce() -> PlannedEntry<'a>,
+    ) -> &mut PlannedEntry<'a> {
+        match self.position(path) {
+            Ok(i) => &mut self.sorted[i],
+            Err(_) => self.extra.entry(path.clone()).or_insert_with(make),
+        }
+    }
+
+    /// Add `e`, replacing the entry of its path.
+    pub fn insert(&mut self, e: PlannedEntry<'a>) {
+        match self.position(&e.path) {
+            Ok(i) => self.sorted[i] = e,
+            Err(_) => {
+                self.extra.insert(e.path.clone().into_owned(), e);
+            }
+        }
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut PlannedEntry<'a>> {
+        self.sorted.iter_mut().chain(self.extra.values_mut())
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.sorted.len() + self.extra.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All entries in path order.
+    pub fn into_sorted(self) -> Vec<PlannedEntry<'a>> {
+        let Entries { mut sorted, extra } = self;
+        if extra.len() <= 16 {
+            // A few made-up entries: moved into place, without a second
+            // copy of the whole list.
+            sorted.reserve_exact(extra.len());
+            for e in extra.into_values() {
+                let at = sorted.partition_point(|x| x.path < e.path);
+                sorted.push(e);
+                sorted[at..].rotate_right(1);
+            }
+            return sorted;
+        }
+        let mut out = Vec::with_capacity(sorted.len() + extra.len());
+        let mut extra = extra.into_values().peekable();
+        for e in sorted {
+            while let Some(x) = extra.next_if(|x| x.path < e.path) {
+                out.push(x);
+            }
+            out.push(e);
+        }
+        out.extend(extra);
+        out
+    }
+}
+
+/// The entry of a directory above the package's entries that the package
+/// lacks, so that it installs into an empty root too: read from the base
+/// (where unchanged directories are), else from the layer; the private
+/// directories of edits exist in neither.
+fn parent_entry(
+    dir: RelPath,
+    layer_root: &Path,
+    base_root: &Path,
+    opts: &PackOptions,
+) -> PlannedEntry<'static> {
+    use std::os::unix::fs::MetadataExt;
+    let found = [base_root, layer_root].into_iter().find_map(|r| {
+        let abs = crate::tree::reach(r, &dir).ok()?;
+        fs::symlink_metadata(&*abs).ok().filter(|m| m.is_dir())
+    });
+    match &found {
+        Some(md) => {
+            let mut e = PlannedEntry::made_up(dir, Source::Base, FileKind::Dir, (0, 0));
+            (e.uid, e.gid) = opts.owners.map(md.uid(), md.gid());
+            (e.mode, e.mtime) = (md.mode() & 0o7777, md.mtime());
+            e
+        }
+        None => PlannedEntry::made_up(dir, Source::Synthetic, FileKind::Dir, (0, 0)),
+    }
 }
 
 /// Where the new content of an edit to a file the package `package` does
@@ -530,18 +772,20 @@ pub fn is_packable_xattr(name: &[u8]) -> bool {
     name == b"security.capability" || name.starts_with(b"user.") || name.starts_with(b"trusted.")
 }
 
-impl Plan {
+impl<'a> Plan<'a> {
     /// The plan of a package that holds exactly the present entries of
     /// `changes`, whose content lives under `root`; deletions are removed
     /// by the generated `postinst`.
-    pub fn new(changes: &ChangeSet, root: &Path, opts: &PackOptions) -> Result<Plan> {
+    pub fn new(changes: &'a ChangeSet, root: &Path, opts: &PackOptions) -> Result<Plan<'a>> {
         let items = changes
             .present()
-            .map(|c| Item {
-                name: c.path.clone(),
-                meta: c.meta.clone(),
-                source: Source::Layer,
-                src: c.path.clone(),
+            .map(|c| {
+                PlannedEntry::captured(
+                    Cow::Borrowed(&c.path),
+                    MetaRef::Borrowed(&c.meta),
+                    Source::Layer,
+                    Cow::Borrowed(&c.path),
+                )
             })
             .collect();
         let mut plan = Plan::build(items, root, root, opts)?;
@@ -549,136 +793,112 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Decide the entries for `items`: the owner policy, carried xattrs,
-    /// missing parent directories, the permission table, mtime clamping.
+    /// Decide the entries for `items` (made by [`PlannedEntry::captured`],
+    /// in any order): the owner policy, carried xattrs, hard links, missing
+    /// parent directories, the permission table, mtime clamping. The
+    /// entries are decided where they are: no second list.
     pub fn build(
-        mut items: Vec<Item>,
+        mut items: Vec<PlannedEntry<'a>>,
         layer_root: &Path,
         base_root: &Path,
         opts: &PackOptions,
-    ) -> Result<Plan> {
-        // Path order, so the first link of a hard-link group comes first.
-        items.sort_by(|a, b| a.name.cmp(&b.name));
+    ) -> Result<Plan<'a>> {
+        // Path order, so the first link of a hard-link group comes first;
+        // a repeated path keeps the last.
+        items.sort_by(|a, b| a.path.cmp(&b.path));
+        items.dedup_by(|later, kept| {
+            let same = later.path == kept.path;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
         let mut plan = Plan {
             layer_root: layer_root.to_path_buf(),
             base_root: base_root.to_path_buf(),
             ..Plan::default()
         };
-        let mut map: BTreeMap<RelPath, PlannedEntry> = BTreeMap::new();
-        let mut first_of_group: BTreeMap<(Source, u32), RelPath> = BTreeMap::new();
-        let mut owners = OwnerReport::default();
-        for it in items {
-            let m = &it.meta;
-            if m.kind == FileKind::Socket {
+        items.retain(|e| {
+            let socket = e.kind() == FileKind::Socket;
+            if socket {
                 plan.warnings
-                    .push(format!("{}: sockets cannot be packaged; skipped", it.name));
-                continue;
+                    .push(format!("{}: sockets cannot be packaged; skipped", e.path));
             }
+            !socket
+        });
+        let mut first_of_group: BTreeMap<(Source, u32), Cow<'a, RelPath>> = BTreeMap::new();
+        let mut owners = OwnerReport::default();
+        for e in items.iter_mut() {
+            let m = &*e.meta;
             let hardlink_to = match m.link_group {
-                Some(g) => match first_of_group.get(&(it.source, g)) {
+                Some(g) => match first_of_group.get(&(e.source, g)) {
                     Some(first) => Some(first.clone()),
                     None => {
-                        first_of_group.insert((it.source, g), it.name.clone());
+                        first_of_group.insert((e.source, g), e.path.clone());
                         None
                     }
                 },
                 None => None,
             };
-            let (uid, gid, mode) = owners.decide(opts.owners, &it.name, m);
-            let mut xattrs = Xattrs::new();
-            for (k, v) in &m.xattrs {
-                if is_packable_xattr(k) {
-                    xattrs.insert(k.clone(), v.clone());
-                } else {
-                    plan.warnings.push(format!(
-                        "{}: xattr {} is not carried (only security.capability, user.* and trusted.* are)",
-                        it.name,
-                        escape_bytes(k)
-                    ));
+            let (uid, gid, mode) = owners.decide(opts.owners, &e.path, m);
+            let mut xattrs = None;
+            if !m.xattrs.keys().all(|k| is_packable_xattr(k)) {
+                let mut carried = Xattrs::new();
+                for (k, v) in &m.xattrs {
+                    if is_packable_xattr(k) {
+                        carried.insert(k.clone(), v.clone());
+                    } else {
+                        plan.warnings.push(format!(
+                            "{}: xattr {} is not carried (only security.capability, user.* and trusted.* are)",
+                            e.path,
+                            escape_bytes(k)
+                        ));
+                    }
                 }
+                xattrs = Some(carried);
             }
-            let src = (it.src != it.name).then_some(it.src);
-            map.insert(
-                it.name.clone(),
-                PlannedEntry {
-                    path: it.name,
-                    source: it.source,
-                    src,
-                    kind: m.kind,
-                    mode,
-                    uid,
-                    gid,
-                    size: if m.kind == FileKind::File { m.size } else { 0 },
-                    mtime: m.mtime_ns.div_euclid(1_000_000_000),
-                    link_target: m.link_target.clone(),
-                    rdev: m.rdev.unwrap_or((0, 0)),
-                    hardlink_to,
-                    sha256: m.sha256,
-                    xattrs,
-                },
-            );
+            (e.uid, e.gid, e.mode) = (uid, gid, mode);
+            if hardlink_to.is_some() {
+                e.rare_mut().hardlink_to = hardlink_to;
+            }
+            if xattrs.is_some() {
+                e.rare_mut().xattrs = xattrs;
+            }
         }
         plan.warnings.extend(owners.notes(opts.owners));
-        // Parents that did not change: include them so the package
-        // installs into an empty root too. They are read from the base
-        // (where unchanged directories are), else from the layer; the
-        // private directories of edits exist in neither.
-        let paths: Vec<RelPath> = map.keys().cloned().collect();
-        for p in paths {
-            let mut cur = p.parent();
+        let mut extra: BTreeMap<RelPath, PlannedEntry<'a>> = BTreeMap::new();
+        for e in &items {
+            let mut cur = e.path.parent();
             while let Some(dir) = cur {
-                if dir.is_root() || map.contains_key(&dir) {
+                let present = items
+                    .binary_search_by(|x| x.path.as_ref().cmp(&dir))
+                    .is_ok();
+                if dir.is_root() || present || extra.contains_key(&dir) {
                     break;
                 }
-                let found = [base_root, layer_root].into_iter().find_map(|r| {
-                    let abs = crate::tree::reach(r, &dir).ok()?;
-                    fs::symlink_metadata(&*abs).ok().filter(|m| m.is_dir())
-                });
-                use std::os::unix::fs::MetadataExt;
-                let (mode, uid, gid, mtime, source) = match &found {
-                    Some(md) => {
-                        let (uid, gid) = opts.owners.map(md.uid(), md.gid());
-                        (md.mode() & 0o7777, uid, gid, md.mtime(), Source::Base)
-                    }
-                    None => (0o755, 0, 0, 0, Source::Synthetic),
-                };
-                map.insert(
-                    dir.clone(),
-                    PlannedEntry {
-                        path: dir.clone(),
-                        source,
-                        src: None,
-                        kind: FileKind::Dir,
-                        mode,
-                        uid,
-                        gid,
-                        size: 0,
-                        mtime,
-                        link_target: None,
-                        rdev: (0, 0),
-                        hardlink_to: None,
-                        sha256: None,
-                        xattrs: Xattrs::new(),
-                    },
-                );
                 cur = dir.parent();
+                extra.insert(dir.clone(), parent_entry(dir, layer_root, base_root, opts));
             }
         }
-        devtable::apply_table(&opts.device_table, &mut map, &mut plan.warnings)?;
+        let mut entries = Entries {
+            sorted: items,
+            extra,
+        };
+        devtable::apply_table(&opts.device_table, &mut entries, &mut plan.warnings)?;
         if let Some(epoch) = opts.source_date_epoch {
-            for e in map.values_mut() {
+            for e in entries.iter_mut() {
                 e.mtime = e.mtime.min(epoch);
             }
         }
-        plan.entries = map.into_values().collect();
+        plan.entries = entries.into_sorted();
         plan.capabilities = plan
             .entries
             .iter()
-            .filter(|e| e.hardlink_to.is_none())
+            .filter(|e| e.hardlink_to().is_none())
             .filter_map(|e| {
-                e.xattrs
+                e.xattrs()
                     .get(&b"security.capability"[..])
-                    .map(|v| (e.path.clone(), v.clone()))
+                    .map(|v| (e.path.clone().into_owned(), v.clone()))
             })
             .collect();
         Ok(plan)
@@ -688,8 +908,8 @@ impl Plan {
     pub fn content_bytes(&self) -> u64 {
         self.entries
             .iter()
-            .filter(|e| e.kind == FileKind::File && e.hardlink_to.is_none())
-            .map(|e| e.size)
+            .filter(|e| e.kind() == FileKind::File && e.hardlink_to().is_none())
+            .map(|e| e.size())
             .sum()
     }
 
@@ -814,13 +1034,10 @@ fn write_data_tar<W: Write>(
         format!("packing {} entries", plan.entries.len()),
         crate::progress::Unit::Bytes,
     );
-    let mut names: Vec<(RelPath, Vec<u8>)> = Vec::new();
     let mut digest = Sha256::new();
-    let mut entries: Vec<(RelPath, Option<&PlannedEntry>)> = plan
-        .entries
-        .iter()
-        .map(|e| (e.path.clone(), Some(e)))
-        .collect();
+    // A package's entries are the plan's; an OCI layer's are listed apart
+    // (other names, whiteouts).
+    let mut entries: Vec<(Cow<'_, RelPath>, Option<&PlannedEntry>)> = Vec::new();
     if oci_whiteouts {
         // A layer, not a package: an edit of a file the package does not
         // own is the new entry at its own path (or a whiteout), and the
@@ -831,21 +1048,14 @@ fn write_data_tar<W: Write>(
             .iter()
             .filter(|e| {
                 !(e.source == Source::Synthetic
-                    && e.kind == FileKind::Dir
+                    && e.kind() == FileKind::Dir
                     && (e.path.as_bytes().starts_with(private)
                         || private.starts_with(e.path.as_bytes())))
             })
-            .map(|e| {
-                let name = if let Some(src) = &e.src {
-                    src.clone()
-                } else {
-                    e.path.clone()
-                };
-                (name, Some(e))
-            })
+            .map(|e| (Cow::Borrowed(e.src_path()), Some(e)))
             .collect();
-        let present: std::collections::BTreeSet<RelPath> =
-            entries.iter().map(|(p, _)| p.clone()).collect();
+        let present: std::collections::BTreeSet<&RelPath> =
+            entries.iter().map(|(p, _)| p.as_ref()).collect();
         let mut deleted: Vec<RelPath> = plan.deletions.clone();
         deleted.extend(
             plan.edits
@@ -854,6 +1064,7 @@ fn write_data_tar<W: Write>(
                 .map(|e| e.path.clone()),
         );
         let deleted_set: std::collections::BTreeSet<&RelPath> = deleted.iter().collect();
+        let mut whiteouts = Vec::new();
         for d in &deleted {
             let parent = d.parent().unwrap_or_default();
             let parent_deleted = deleted_set.contains(&parent);
@@ -861,15 +1072,26 @@ fn write_data_tar<W: Write>(
                 && plan
                     .entries
                     .iter()
-                    .any(|e| e.path == parent && e.kind != FileKind::Dir);
+                    .any(|e| *e.path == parent && e.kind() != FileKind::Dir);
             if !parent_deleted && !parent_replaced {
-                let wh = parent.join(&[b".wh.", d.file_name()].concat());
-                entries.push((wh, None));
+                whiteouts.push(parent.join(&[b".wh.", d.file_name()].concat()));
             }
         }
+        drop(present);
+        entries.extend(whiteouts.into_iter().map(|wh| (Cow::Owned(wh), None)));
         entries.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    for (path, e) in entries {
+    let listed: Box<dyn Iterator<Item = (Cow<'_, RelPath>, Option<&PlannedEntry>)>> =
+        if oci_whiteouts {
+            Box::new(entries.into_iter())
+        } else {
+            Box::new(
+                plan.entries
+                    .iter()
+                    .map(|e| (Cow::Borrowed(e.path.as_ref()), Some(e))),
+            )
+        };
+    for (path, e) in listed {
         let mut name = prefix.to_vec();
         name.extend_from_slice(path.as_bytes());
         let Some(e) = e else {
@@ -893,21 +1115,21 @@ fn write_data_tar<W: Write>(
                 format!("{path}: an OCI layer cannot hold a file named .wh.*; it would be read as a whiteout"),
             ));
         }
-        let abs = crate::tree::reach(plan.root_of(e), e.src.as_ref().unwrap_or(&e.path))?;
+        let abs = crate::tree::reach(plan.root_of(e), e.src_path())?;
         let mut link = Vec::new();
-        let kind = if let Some(first) = &e.hardlink_to {
+        let kind = if let Some(first) = e.hardlink_to() {
             link = prefix.to_vec();
             link.extend_from_slice(first.as_bytes());
             TarKind::HardLink
         } else {
-            match e.kind {
+            match e.kind() {
                 FileKind::File => TarKind::File,
                 FileKind::Dir => {
                     name.push(b'/');
                     TarKind::Dir
                 }
                 FileKind::Symlink => {
-                    link = e.link_target.clone().unwrap_or_default();
+                    link = e.link_target().unwrap_or_default().to_vec();
                     TarKind::Symlink
                 }
                 FileKind::CharDevice => TarKind::CharDevice,
@@ -922,14 +1144,14 @@ fn write_data_tar<W: Write>(
             mode: e.mode,
             uid: e.uid,
             gid: e.gid,
-            size: e.size,
+            size: e.size(),
             mtime: e.mtime,
             link: &link,
-            dev: e.rdev,
+            dev: e.rdev(),
         };
-        if extended && !e.xattrs.is_empty() {
+        if extended && !e.xattrs().is_empty() {
             let records: Vec<(Vec<u8>, Vec<u8>)> = e
-                .xattrs
+                .xattrs()
                 .iter()
                 .map(|(k, v)| ([b"SCHILY.xattr.".as_slice(), k].concat(), v.clone()))
                 .collect();
@@ -942,14 +1164,14 @@ fn write_data_tar<W: Write>(
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&abs)
                 .map_err(io_err(&abs, "cannot open for packaging"))?;
-            let segments = if extended && e.size >= SPARSE_MIN {
-                crate::tree::data_segments(&f, e.size)
+            let segments = if extended && e.size() >= SPARSE_MIN {
+                crate::tree::data_segments(&f, e.size())
                     .map_err(io_err(&abs, "cannot read for packaging"))?
             } else {
-                vec![(0, e.size)]
+                vec![(0, e.size())]
             };
             let stored: u64 = segments.iter().map(|s| s.1).sum();
-            if e.size - stored.min(e.size) >= SPARSE_MIN {
+            if e.size() - stored.min(e.size()) >= SPARSE_MIN {
                 // Holes travel as holes: read and stored once, data only.
                 let before = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
                 let mut f = HashingReader {
@@ -965,7 +1187,7 @@ fn write_data_tar<W: Write>(
                 let f = f.inner;
                 let after = f.metadata().map_err(io_err(&abs, "cannot stat"))?;
                 use std::os::unix::fs::MetadataExt;
-                if after.len() != e.size
+                if after.len() != e.size()
                     || (after.mtime(), after.mtime_nsec()) != (before.mtime(), before.mtime_nsec())
                 {
                     return Err(Error::new(
@@ -975,7 +1197,6 @@ fn write_data_tar<W: Write>(
                     .with_path(&abs));
                 }
                 progress.add(stored);
-                names.push((path, name));
                 continue;
             }
             Some(f)
@@ -988,12 +1209,12 @@ fn write_data_tar<W: Write>(
                 inner: f,
                 hash: Sha256::new(),
             };
-            w.data(&mut hashing, e.size)
+            w.data(&mut hashing, e.size())
                 .map_err(io_err(&abs, "cannot package"))?;
-            progress.add(e.size);
+            progress.add(e.size());
             let got: [u8; 32] = hashing.hash.finalize().into();
             digest_entry(&mut digest, &h, &got);
-            if e.sha256.is_some_and(|h| h != got) {
+            if e.sha256().is_some_and(|h| h != got) {
                 return Err(Error::new(
                     ErrorKind::Io,
                     format!("{path} changed after the layer was read; run final again"),
@@ -1004,7 +1225,6 @@ fn write_data_tar<W: Write>(
         if kind != TarKind::File {
             digest_entry(&mut digest, &h, &[0; 32]);
         }
-        names.push((path, name));
     }
     let out = w.finish().map_err(io_err(root, "cannot write package"))?;
     Ok((out, digest.finalize().into()))
@@ -1312,15 +1532,15 @@ mod tests {
         assert_eq!(Format::Ipk.file_name(&m), "hello-world_1.0-r1_all.ipk");
     }
 
-    fn item(path: &str, uid: u32, gid: u32, mode: u32) -> Item {
+    fn item(path: &str, uid: u32, gid: u32, mode: u32) -> PlannedEntry<'static> {
         let mut meta = Meta::new(FileKind::File, mode);
         (meta.uid, meta.gid) = (uid, gid);
-        Item {
-            name: RelPath::from(path),
-            meta,
-            source: Source::Layer,
-            src: RelPath::from(path),
-        }
+        PlannedEntry::captured(
+            Cow::Owned(RelPath::from(path)),
+            meta.into(),
+            Source::Layer,
+            Cow::Owned(RelPath::from(path)),
+        )
     }
 
     #[test]
@@ -1340,7 +1560,7 @@ mod tests {
             let got: Vec<(String, u32, u32, u32)> = p
                 .entries
                 .iter()
-                .filter(|e| e.kind == FileKind::File)
+                .filter(|e| e.kind() == FileKind::File)
                 .map(|e| (e.path.to_string(), e.uid, e.gid, e.mode))
                 .collect();
             (got, p.warnings)

@@ -5,7 +5,7 @@
 //! it hides, a copied-up entry is a change only if its bytes or metadata
 //! differ, and internal xattrs are never content.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -212,8 +212,9 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         base,
         last: None,
     };
-    // Keyed by path, which is therefore not kept a second time.
-    let mut changes: BTreeMap<RelPath, (ChangeKind, crate::model::Meta)> = BTreeMap::new();
+    // In the scan's order, which is path order but for deletions below a
+    // whiteout or a replaced directory; sorted once at the end.
+    let mut changes: Vec<Change> = Vec::new();
     // Upper entries below an opaque directory (only those: the final pass
     // needs nothing else), and the opaque directories enclosing the
     // current entry of the depth-first scan.
@@ -221,9 +222,12 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
     let mut hidden: Vec<RelPath> = Vec::new();
     let mut enclosing: Vec<RelPath> = Vec::new();
     let mut links = LinkGroups::default();
-    let deleted = |changes: &mut BTreeMap<RelPath, (ChangeKind, crate::model::Meta)>,
-                   r: &Record| {
-        changes.insert(r.path.clone(), (ChangeKind::Deleted, r.to_meta()));
+    let deleted = |changes: &mut Vec<Change>, r: &Record| {
+        changes.push(Change {
+            path: r.path.clone(),
+            kind: ChangeKind::Deleted,
+            meta: r.to_meta(),
+        });
     };
     let progress = crate::progress::step(
         format!("reading the layer {}", upper.display()),
@@ -300,23 +304,31 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         }
         let mut meta = r.to_meta();
         meta.link_group = links.assign(&r);
-        changes.insert(r.path, (kind, meta));
+        changes.push(Change {
+            path: r.path,
+            kind,
+            meta,
+        });
     }
     // Opaque directories hide every base child the upper layer lacks.
-    for dir in hidden {
-        for b in scan_below(base, &dir)?.into_iter().skip(1) {
-            let shadowed = !present.contains(&b.path);
-            if shadowed && !changes.contains_key(&b.path) {
-                deleted(&mut changes, &b);
+    if !hidden.is_empty() {
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
+        let known = changes.len();
+        for dir in hidden {
+            for b in scan_below(base, &dir)?.into_iter().skip(1) {
+                let shadowed = !present.contains(&b.path);
+                if shadowed
+                    && changes[..known]
+                        .binary_search_by(|c| c.path.cmp(&b.path))
+                        .is_err()
+                {
+                    deleted(&mut changes, &b);
+                }
             }
         }
     }
-    let mut out: Vec<Change> = changes
-        .into_iter()
-        .map(|(path, (kind, meta))| Change { path, kind, meta })
-        .collect();
-    links.finish(&mut out);
-    Ok(ChangeSet::from_unsorted(out))
+    links.finish(&mut changes);
+    Ok(ChangeSet::from_unsorted(changes))
 }
 
 #[cfg(test)]
