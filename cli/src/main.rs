@@ -51,6 +51,52 @@ struct Global {
     /// Where sessions live (default: $XDG_STATE_HOME/layerpack or ~/.local/state/layerpack).
     #[arg(long, global = true, env = "LAYERPACK_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Print only warnings and errors on stderr (no progress, no summaries).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also print every change of a capture and how long each step took.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+}
+
+/// How much goes to stderr besides warnings and errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Verbosity {
+    /// `-q`: nothing else.
+    Quiet = 0,
+    /// Summaries and what was done.
+    Normal = 1,
+    /// `-v`: also every change and each step's time.
+    Verbose = 2,
+}
+
+static VERBOSITY: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(Verbosity::Normal as u8);
+
+fn verbosity() -> Verbosity {
+    match VERBOSITY.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Verbosity::Quiet,
+        1 => Verbosity::Normal,
+        _ => Verbosity::Verbose,
+    }
+}
+
+/// A line for the user on stderr that `-q` silences.
+macro_rules! info {
+    ($($arg:tt)*) => {
+        if verbosity() >= Verbosity::Normal {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// A line on stderr that only `-v` asks for.
+macro_rules! detail {
+    ($($arg:tt)*) => {
+        if verbosity() >= Verbosity::Verbose {
+            eprintln!($($arg)*);
+        }
+    };
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,7 +350,13 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let progress = progress::Progress::new(cli.global.json);
+    let level = match (cli.global.quiet, cli.global.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (_, true) => Verbosity::Verbose,
+        _ => Verbosity::Normal,
+    };
+    VERBOSITY.store(level as u8, std::sync::atomic::Ordering::Relaxed);
+    let progress = progress::Progress::new(cli.global.json, cli.global.quiet, cli.global.verbose);
     layerpack_core::progress::set_reporter(Some(progress.reporter()));
     let userns = rootless_run(&cli.command, &config)?;
     let mut registry = Registry::new();
@@ -472,8 +524,16 @@ impl App {
         )?;
         if !self.global.json {
             for (name, why) in &opened.skipped {
-                eprintln!("layerpack: auto: skipped {name}: {why}");
+                info!("layerpack: auto: skipped {name}: {why}");
             }
+            let s = &opened.session;
+            detail!(
+                "layerpack: {}: backend {}, root {}, install into {}",
+                s.package,
+                s.backend,
+                s.base.display(),
+                s.merged.display()
+            );
         }
         Ok(opened)
     }
@@ -556,7 +616,7 @@ impl App {
                 "package": package,
                 "backend": done.session.backend,
                 "summary": done.changes.as_ref().map(manifest::summary),
-                "package": counts.as_ref().map(|c| json!({
+                "contents": counts.as_ref().map(|c| json!({
                     "from_layer": c.from_layer, "kept": c.kept, "dropped": c.dropped,
                     "diverted": c.diverted, "shipped_foreign": c.shipped, "skipped_foreign": c.skipped})),
                 "outputs": written.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
@@ -565,15 +625,20 @@ impl App {
             }))?;
         } else {
             if let Some(cs) = &done.changes {
+                if verbosity() >= Verbosity::Verbose {
+                    for c in cs.changes() {
+                        detail!("  {} {}", c.kind.symbol(), c.path);
+                    }
+                }
                 let s = manifest::summary(cs);
-                eprintln!(
+                info!(
                     "layerpack: {package}: {} added, {} modified, {} metadata only, {} deleted",
                     s["added"], s["modified"], s["metadata_only"], s["deleted"]
                 );
             }
             if let Some(c) = &counts {
                 if c.kept + c.dropped + c.diverted + c.shipped + c.skipped > 0 {
-                    eprintln!(
+                    info!(
                         "layerpack: {package}: the package holds {} entries from this install and {} kept from its earlier capture; {} dropped; {} edits of files it does not own carried by scripts, {} shipped as its own, {} left out",
                         c.from_layer, c.kept, c.dropped, c.diverted, c.shipped, c.skipped
                     );
@@ -582,7 +647,7 @@ impl App {
             for p in &written {
                 print_line(&p.display().to_string())?;
             }
-            eprintln!("layerpack: {package}: {what}");
+            info!("layerpack: {package}: {what}");
         }
         Ok(())
     }
@@ -688,16 +753,16 @@ impl App {
                         "unmounted": a.unmounted.iter().map(|p| path_json(p)).collect::<Vec<_>>()}),
             )?;
         } else if a.restored {
-            eprintln!("layerpack: {package}: session dropped; layer discarded, the root is as before init");
+            info!("layerpack: {package}: session dropped; layer discarded, the root is as before init");
         } else if a.backend.is_none() {
             for m in &a.unmounted {
-                eprintln!("layerpack: {package}: unmounted {}", m.display());
+                info!("layerpack: {package}: unmounted {}", m.display());
             }
-            eprintln!(
+            info!(
                 "layerpack: {package}: the unreadable session was dropped; the root holds what the install wrote through the mount, if anything"
             );
         } else {
-            eprintln!(
+            info!(
                 "layerpack: {package}: session dropped; what the install wrote stays in the root"
             );
         }
@@ -711,7 +776,7 @@ impl App {
             print_json(&json!({"type": "status", "sessions": sessions.len(),
                 "state_dir": path_json(ctx.state.path())}))?;
         } else if sessions.is_empty() {
-            eprintln!(
+            info!(
                 "layerpack: no open sessions in {}",
                 ctx.state.path().display()
             );
@@ -909,7 +974,7 @@ impl App {
             print_json(&json!({"type": "index", "packages": entries.len(),
                 "index": path_json(&feed.join("Packages"))}))?;
         } else {
-            eprintln!(
+            info!(
                 "layerpack: {} packages indexed in {}",
                 entries.len(),
                 feed.join("Packages").display()
@@ -1063,9 +1128,9 @@ impl App {
             )?;
         } else {
             for line in &report {
-                eprintln!("layerpack: {line}");
+                info!("layerpack: {line}");
             }
-            eprintln!(
+            info!(
                 "layerpack: repacked {} packages from {}; report in {}",
                 names.len(),
                 root.display(),
@@ -1109,14 +1174,14 @@ impl App {
                 );
             }
             if a.scripts.iter().any(|s| s.1) {
-                eprintln!(
+                info!(
                     "layerpack: {}: the steps of the scripts layerpack generated were carried out ({} deletions, {} edits of files the package does not own)",
                     package.display(),
                     a.deleted,
                     a.edits
                 );
             }
-            eprintln!(
+            info!(
                 "layerpack: {}: {} ({}) installed {} entries, deleted {}, refused {}",
                 package.display(),
                 root.display(),

@@ -1,8 +1,10 @@
 //! Progress on stderr for every step that takes more than a second (scans
 //! through the snapshot backend's callback, and every step of the library
 //! through the reporter installed in `layerpack_core::progress`). Whether
-//! to draw at all is one pure function of (terminal, CI, --json).
-//! `LAYERPACK_PROGRESS_DELAY_MS` changes the one-second delay (tests).
+//! to draw at all is one pure function of (terminal, CI, --json, -q).
+//! With `-v`, each step's count and time are printed when it ends, drawn
+//! or not. `LAYERPACK_PROGRESS_DELAY_MS` changes the one-second delay
+//! (tests).
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use layerpack_core::tree::Progress as Callback;
 
-/// Draw progress only for a person watching a terminal.
-pub fn should_draw(stderr_is_terminal: bool, is_ci: bool, json: bool) -> bool {
-    stderr_is_terminal && !is_ci && !json
+/// Draw progress only for a person watching a terminal who did not ask
+/// for quiet.
+pub fn should_draw(stderr_is_terminal: bool, is_ci: bool, json: bool, quiet: bool) -> bool {
+    stderr_is_terminal && !is_ci && !json && !quiet
 }
 
 /// How long a step runs before its progress is drawn.
@@ -46,20 +49,23 @@ struct State {
 #[derive(Clone)]
 pub struct Progress {
     enabled: bool,
+    verbose: bool,
     state: Arc<State>,
 }
 
 /// Clears the progress line when dropped.
 pub struct Bar {
+    verbose: bool,
     state: Arc<State>,
 }
 
 impl Progress {
-    /// Decide once, from the environment.
-    pub fn new(json: bool) -> Progress {
+    /// Decide once, from the environment and the flags.
+    pub fn new(json: bool, quiet: bool, verbose: bool) -> Progress {
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
         Progress {
-            enabled: should_draw(std::io::stderr().is_terminal(), ci, json),
+            enabled: should_draw(std::io::stderr().is_terminal(), ci, json, quiet),
+            verbose,
             state: Arc::new(State {
                 label: Mutex::new(String::new()),
                 started: Mutex::new(None),
@@ -80,6 +86,7 @@ impl Progress {
         }
         self.state.count.store(0, Ordering::Relaxed);
         Bar {
+            verbose: self.verbose,
             state: self.state.clone(),
         }
     }
@@ -89,10 +96,10 @@ impl Progress {
         let enabled = self.enabled;
         let state = self.state.clone();
         Arc::new(move |n| {
+            state.count.store(n, Ordering::Relaxed);
             if !enabled {
                 return;
             }
-            state.count.store(n, Ordering::Relaxed);
             let now = Instant::now();
             let started = state.started.lock().ok().and_then(|s| *s);
             if started.is_none_or(|s| now - s < delay()) {
@@ -119,12 +126,46 @@ impl Progress {
     pub fn reporter(&self) -> layerpack_core::progress::Reporter {
         use layerpack_core::progress::Unit;
         let enabled = self.enabled;
+        let verbose = self.verbose;
         let state = self.state.clone();
+        let count = move |n: u64, unit: Unit| match unit {
+            Unit::Entries => format!("{n} entries"),
+            Unit::Bytes => human_bytes(n),
+        };
         Arc::new(move |label: &str, done: Option<u64>, unit: Unit| {
+            let now = Instant::now();
+            if verbose {
+                // Every step is timed from its first count to its end.
+                let mut l = state.label.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = state.started.lock().unwrap_or_else(|p| p.into_inner());
+                match done {
+                    Some(n) => {
+                        if *l != label {
+                            *l = label.to_string();
+                            *s = Some(now);
+                        }
+                        state.count.store(n, Ordering::Relaxed);
+                    }
+                    None => {
+                        let (n, secs) = if *l == label {
+                            let secs = s.map_or(0.0, |s| (now - s).as_secs_f64());
+                            (state.count.load(Ordering::Relaxed), secs)
+                        } else {
+                            (0, 0.0)
+                        };
+                        if state.drawn.swap(false, Ordering::Relaxed) {
+                            eprint!("\r\x1b[K");
+                        }
+                        eprintln!("layerpack: {label}: {} in {secs:.2} s", count(n, unit));
+                        l.clear();
+                        *s = None;
+                        return;
+                    }
+                }
+            }
             if !enabled {
                 return;
             }
-            let now = Instant::now();
             let Some(n) = done else {
                 if state.drawn.swap(false, Ordering::Relaxed) {
                     let mut err = std::io::stderr().lock();
@@ -138,7 +179,7 @@ impl Progress {
             };
             let mut new_step = false;
             if let (Ok(mut l), Ok(mut s)) = (state.label.lock(), state.started.lock()) {
-                if *l != label {
+                if *l != label || s.is_none() {
                     *l = label.to_string();
                     *s = Some(now);
                     new_step = true;
@@ -154,12 +195,9 @@ impl Progress {
                 }
                 *last = Some(now);
             }
-            let count = match unit {
-                Unit::Entries => format!("{n} entries"),
-                Unit::Bytes => human_bytes(n),
-            };
+            let shown = count(n, unit);
             let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[Klayerpack: {label}: {count}");
+            let _ = write!(err, "\r\x1b[Klayerpack: {label}: {shown}");
             let _ = err.flush();
             state.drawn.store(true, Ordering::Relaxed);
         })
@@ -174,6 +212,17 @@ impl Drop for Bar {
             let _ = err.flush();
         }
         if let Ok(mut s) = self.state.started.lock() {
+            if self.verbose {
+                if let (Some(start), Ok(label)) = (*s, self.state.label.lock()) {
+                    let n = self.state.count.load(Ordering::Relaxed);
+                    if n > 0 {
+                        eprintln!(
+                            "layerpack: {label}: {n} entries in {:.2} s",
+                            start.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            }
             *s = None;
         }
     }
@@ -185,9 +234,10 @@ mod tests {
 
     #[test]
     fn draws_only_for_a_person_at_a_terminal() {
-        assert!(should_draw(true, false, false));
-        assert!(!should_draw(false, false, false));
-        assert!(!should_draw(true, true, false));
-        assert!(!should_draw(true, false, true));
+        assert!(should_draw(true, false, false, false));
+        assert!(!should_draw(false, false, false, false));
+        assert!(!should_draw(true, true, false, false));
+        assert!(!should_draw(true, false, true, false));
+        assert!(!should_draw(true, false, false, true));
     }
 }

@@ -703,15 +703,17 @@ fn changes_json_follows_its_published_schema() -> Outcome {
     passed()
 }
 
-/// On a terminal (a pty made by `script`), every long step of a capture
-/// shows its progress with its own label — scanning, reading the layer,
-/// packing, folding; under `--json` or `CI=true` nothing is drawn.
+/// On a terminal (a pty made by `script`), every long step of a 200k-file
+/// overlayfs capture shows its progress with its own label — reading the
+/// layer (and hashing it), packing and compressing, folding; under
+/// `--json` or `CI=true` the same capture draws nothing.
 fn progress_is_drawn_on_a_terminal_for_each_step_and_never_in_json_or_ci() -> Outcome {
     if let Some(skip) = missing(&[Need::Root, Need::Backend("overlayfs"), Need::Tool("script")]) {
         return skip;
     }
     let e = Env::new("progress");
-    let install = "cd \"$LAYERPACK_ROOT\" && mkdir d && cd d && seq 1 20000 | xargs touch && head -c 3000000 /dev/zero > blob";
+    const FILES: usize = 200_000;
+    let install = format!("cd \"$LAYERPACK_ROOT\" && mkdir d && cd d && seq 1 {FILES} | xargs touch && head -c 3000000 /dev/urandom > blob");
     for (mode, draws) in [("terminal", true), ("json", false), ("ci", false)] {
         let pkg = format!("p{mode}");
         let json = if mode == "json" { "--json" } else { "" };
@@ -737,9 +739,9 @@ fn progress_is_drawn_on_a_terminal_for_each_step_and_never_in_json_or_ci() -> Ou
         );
         let transcript = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
         for label in [
-            "reading the layer",
-            "packing 20002 entries",
-            "folding the layer into",
+            "reading the layer".to_string(),
+            format!("packing {} entries", FILES + 2),
+            "folding the layer into".to_string(),
         ] {
             assert_eq!(
                 transcript.contains(&format!("layerpack: {label}")),
@@ -1043,7 +1045,78 @@ fn overlayfs_session_survives_a_lost_mount() -> Outcome {
     passed()
 }
 
+/// `-q` leaves warnings and errors only; `-v` adds every change and the
+/// time of each step; neither touches stdout (the paths written).
+fn quiet_and_verbose_set_how_much_goes_to_stderr() -> Outcome {
+    let e = Env::new("verbosity");
+    let install =
+        r#"d="$LAYERPACK_ROOT/$LAYERPACK_PACKAGE/bin" && mkdir -p "$d" && echo hi > "$d/x""#;
+    let run = |flag: &str, pkg: &str| {
+        let mut args = vec![];
+        if !flag.is_empty() {
+            args.push(flag);
+        }
+        let root = root_arg(&e);
+        args.extend([
+            "run",
+            pkg,
+            "--root",
+            &root,
+            "--version",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            install,
+        ]);
+        let o = e.run(&args);
+        assert_eq!(code(&o), 0, "{flag}: {}", stderr(&o));
+        o
+    };
+    // A capital letter in the name gives a warning: the package is
+    // written as 'quiet'.
+    let quiet = run("-q", "Quiet");
+    let err = stderr(&quiet);
+    assert!(
+        err.contains("warning: package name 'Quiet' is written as 'quiet'"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("added"),
+        "-q still printed the summary:\n{err}"
+    );
+    assert!(
+        !err.contains("folded"),
+        "-q still printed the result:\n{err}"
+    );
+    assert!(String::from_utf8_lossy(&quiet.stdout).contains("quiet_1_all.ipk"));
+
+    let normal = stderr(&run("", "normal"));
+    assert!(
+        normal.contains("layerpack: normal: 3 added, 0 modified"),
+        "{normal}"
+    );
+    assert!(!normal.contains("  + normal/bin/x"), "{normal}");
+
+    let verbose = stderr(&run("--verbose", "loud"));
+    assert!(
+        verbose.contains("layerpack: loud: 3 added, 0 modified"),
+        "{verbose}"
+    );
+    assert!(verbose.contains("\n  + loud/bin/x\n"), "{verbose}");
+    assert!(
+        verbose
+            .lines()
+            .any(|l| l.starts_with("layerpack: packing 3 entries: ") && l.ends_with(" s")),
+        "no step time:\n{verbose}"
+    );
+    let o = e.run(&["-q", "-v", "status"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    passed()
+}
+
 layerpack_tests::test_main!(
+    quiet_and_verbose_set_how_much_goes_to_stderr,
     progress_is_drawn_on_a_terminal_for_each_step_and_never_in_json_or_ci,
     changes_json_follows_its_published_schema,
     every_command_speaks_json_lines_on_success_and_failure,
