@@ -315,6 +315,60 @@ fn write_override(dir: BorrowedFd<'_>, name: &[u8], o: &Override) -> R<()> {
     .map_err(en)
 }
 
+/// Record `o` on entry `name` of `dir`, or drop the record when `o` says
+/// nothing the entry itself (`st`) does not: a chown to the owner a file
+/// already has (as `sed -i` and `cp -p` do for the file they replace)
+/// leaves no record to go stale.
+fn store_override(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    o: &Override,
+    st: &Stat,
+) -> R<Option<Override>> {
+    let says_nothing = o.kind.is_none()
+        && o.uid == st.st_uid
+        && o.gid == st.st_gid
+        && o.mode == st.st_mode & 0o7777;
+    if !says_nothing {
+        write_override(dir, name, o)?;
+        return Ok(Some(*o));
+    }
+    match rustix::fs::lremovexattr(proc_path(dir, name), OVERRIDE_XATTR) {
+        Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(None),
+        Err(e) => Err(en(e)),
+    }
+}
+
+/// The permission bits a POSIX access ACL (`system.posix_acl_access`,
+/// the kernel's xattr form) stands for, when it holds nothing but the
+/// owner, group and other entries: the ACL `chmod` would make, which
+/// `cp -p` and `sed -i` set through gnulib's `qset_acl`.
+fn trivial_acl_mode(value: &[u8]) -> Option<u32> {
+    const VERSION: u32 = 2;
+    let (head, entries) = value.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*head) != VERSION || entries.len() != 24 {
+        return None;
+    }
+    let mut mode = 0;
+    let mut seen = 0u8;
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
+        let (bit, shift) = match tag {
+            0x01 => (1, 6), // ACL_USER_OBJ
+            0x04 => (2, 3), // ACL_GROUP_OBJ
+            0x20 => (4, 0), // ACL_OTHER
+            _ => return None,
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        mode |= perm << shift;
+    }
+    (seen == 7).then_some(mode)
+}
+
 fn kind_of(st: &Stat) -> FileKind {
     FileKind::from_mode(st.st_mode).unwrap_or(FileKind::File)
 }
@@ -1632,7 +1686,7 @@ impl Union {
         }
         if self.opts.fake_owner && ovr != self.ovr_of(ino) {
             if let Some(o) = &ovr {
-                write_override(l.dir.as_fd(), &l.name, o)?;
+                ovr = store_override(l.dir.as_fd(), &l.name, o, &self.stat_loc(&l)?)?;
             }
             let mut t = self.table();
             if let Some(n) = t.inodes.get_mut(&ino) {
@@ -2071,6 +2125,19 @@ impl Union {
         if self.internal_xattr(name) {
             return Err(libc::EPERM);
         }
+        if name == b"system.posix_acl_access" {
+            if let Some(bits) = trivial_acl_mode(value) {
+                // What a filesystem does with an ACL a mode can say: set
+                // the mode, keep no ACL. Through setattr, so a recorded
+                // mode (fake ownership) follows too.
+                let perm = self.getattr(ino, None)?.perm as u32;
+                let set = SetAttr {
+                    mode: Some((perm & 0o7000) | bits),
+                    ..SetAttr::default()
+                };
+                return self.setattr(ino, None, &set).map(drop);
+            }
+        }
         self.copy_up(ino)?;
         let l = self.loc(ino)?;
         if let Some(n) = self.table().inodes.get_mut(&ino) {
@@ -2099,4 +2166,24 @@ impl Union {
 /// A name as bytes.
 pub fn bytes(name: &OsStr) -> &[u8] {
     name.as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trivial_acl_mode;
+
+    #[test]
+    fn an_acl_a_mode_can_say_is_read_as_that_mode() {
+        // What sed -i sets on its temporary file for a 0644 original.
+        let acl = b"\x02\0\0\0\x01\0\x06\0\xff\xff\xff\xff\x04\0\x04\0\xff\xff\xff\xff\x20\0\x04\0\xff\xff\xff\xff";
+        assert_eq!(trivial_acl_mode(acl), Some(0o644));
+        // A named user entry (and the mask it needs) is a real ACL.
+        let mut named = acl.to_vec();
+        named.extend_from_slice(b"\x02\0\x07\0\xe8\x03\0\0\x10\0\x07\0\xff\xff\xff\xff");
+        assert_eq!(trivial_acl_mode(&named), None);
+        assert_eq!(trivial_acl_mode(&acl[..20]), None);
+        let mut twice = acl.to_vec();
+        twice[12..14].copy_from_slice(b"\x01\0");
+        assert_eq!(trivial_acl_mode(&twice), None);
+    }
 }

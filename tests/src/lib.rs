@@ -502,3 +502,25 @@ pub fn differ_from_snapshot(
     }
     problems
 }
+
+/// The ordinary user the unprivileged tests run as: `nobody`, which every
+/// Debian system has (`fusermount3` refuses a uid without a name).
+pub const NOBODY: u32 = 65534;
+
+/// Give `p` (and everything below) to [`NOBODY`].
+pub fn give_to_nobody(p: &std::path::Path) {
+    for e in walkdir::WalkDir::new(p) {
+        let e = e.expect("walk the scratch tree");
+        std::os::unix::fs::lchown(e.path(), Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+    }
+}
+
+/// Run `cmd` as [`NOBODY`], without root's supplementary groups or home.
+pub fn as_nobody(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    cmd.uid(NOBODY)
+        .gid(NOBODY)
+        .env("HOME", "/nonexistent")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_STATE_HOME")
+}

@@ -257,15 +257,41 @@ const BUILD_NEEDS: &[Need] = &[
     Need::Tool("cc"),
 ];
 
-fn build_and_check(ppd: bool) -> Outcome {
+/// A whole build with the hook, on `backend` (`None`: no config, the
+/// hook's default), checked against the image and by installing the feed,
+/// then reinstalled.
+fn build_and_check(ppd: bool, backend: Option<&'static str>) -> Outcome {
     if let Some(skip) = missing(BUILD_NEEDS) {
         return skip;
     }
-    let d = scratch(if ppd { "ppd" } else { "classic" });
+    if let Some(b) = backend {
+        if let Some(skip) = missing(&[Need::Backend(b)]) {
+            return skip;
+        }
+    }
+    let d = scratch(&format!(
+        "{}-{}",
+        if ppd { "ppd" } else { "classic" },
+        backend.unwrap_or("default")
+    ));
     let pkgs = packages(&d);
     let o = d.join("output");
+    if let Some(b) = backend {
+        // $(CONFIG_DIR)/layerpack.toml, next to .config.
+        fs::create_dir_all(&o).unwrap();
+        fs::write(o.join("layerpack.toml"), format!("backend = \"{b}\"\n")).unwrap();
+    }
     br(&o, &pkgs, ppd, &[], ORDER);
     let feed = o.join("layerpack/feed");
+    if let Some(b) = backend {
+        let manifest = fs::read_to_string(feed.join("app.changes.json"))
+            .or_else(|_| fs::read_to_string(o.join("layerpack/app.changes.json")))
+            .expect("app's changes.json");
+        assert!(
+            manifest.contains(&format!("\"backend\": \"{b}\"")),
+            "app was not captured with {b}: {manifest}"
+        );
+    }
     assert_eq!(
         ipks(&feed),
         [
@@ -515,11 +541,21 @@ fn post_build_alone_publishes_a_complete_feed() -> Outcome {
 }
 
 fn classic_build_gives_a_feed_that_reproduces_the_target() -> Outcome {
-    build_and_check(false)
+    build_and_check(false, None)
 }
 
 fn per_package_directories_give_a_feed_that_reproduces_the_merged_target() -> Outcome {
-    build_and_check(true)
+    build_and_check(true, None)
+}
+
+/// The same build captured by the FUSE backend, mounted over each
+/// package's target directory in place.
+fn classic_build_on_fuse_gives_the_same_feed_checks() -> Outcome {
+    build_and_check(false, Some("fuse"))
+}
+
+fn per_package_directories_on_fuse_give_the_same_feed_checks() -> Outcome {
+    build_and_check(true, Some("fuse"))
 }
 
 fn ignored_calls_read_nothing_and_fail_nothing() -> Outcome {
@@ -562,5 +598,7 @@ layerpack_tests::test_main!(
     post_build_alone_publishes_a_complete_feed,
     classic_build_gives_a_feed_that_reproduces_the_target,
     per_package_directories_give_a_feed_that_reproduces_the_merged_target,
+    classic_build_on_fuse_gives_the_same_feed_checks,
+    per_package_directories_on_fuse_give_the_same_feed_checks,
     ignored_calls_read_nothing_and_fail_nothing,
 );

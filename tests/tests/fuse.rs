@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,9 +19,7 @@ use layerpack_core::model::{ChangeKind, FileKind};
 use layerpack_core::scenarios::compare_trees;
 use layerpack_tests::{expect_ok, layerpack_bin, missing, passed, Need, Outcome};
 
-/// The ordinary user the unprivileged tests run as: `nobody`, which every
-/// Debian system has (`fusermount3` refuses a uid without a name).
-const NOBODY: u32 = 65534;
+use layerpack_tests::{as_nobody, give_to_nobody, NOBODY};
 
 fn scratch(name: &str) -> PathBuf {
     layerpack_tests::scratch_dir(env!("CARGO_TARGET_TMPDIR"), "fuse", name)
@@ -67,18 +64,6 @@ fn unprivileged_fuse() -> Option<Outcome> {
     Some(Ok(
         layerpack_tests::libtest_mimic::Completion::ignored_with(why),
     ))
-}
-
-/// Give `p` (and everything below) to nobody.
-fn give_to_nobody(p: &Path) {
-    for e in walkdir::WalkDir::new(p) {
-        let e = e.unwrap();
-        std::os::unix::fs::lchown(e.path(), Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-}
-
-fn as_nobody(cmd: &mut Command) -> &mut Command {
-    cmd.uid(NOBODY).gid(NOBODY).env("HOME", "/nonexistent")
 }
 
 /// Begin a session of `b` on `base` with its session directory in `d`:
