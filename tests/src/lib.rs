@@ -524,3 +524,34 @@ pub fn as_nobody(cmd: &mut std::process::Command) -> &mut std::process::Command 
         .env_remove("XDG_RUNTIME_DIR")
         .env_remove("XDG_STATE_HOME")
 }
+
+/// `None` when an ordinary user can mount FUSE here; else the outcome.
+pub fn unprivileged_fuse() -> Option<Outcome> {
+    if let Some(skip) = missing(&[Need::Root, Need::Backend("fuse"), Need::Tool("fusermount3")]) {
+        return Some(skip);
+    }
+    let mode = std::fs::metadata("/dev/fuse")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .unwrap_or(0);
+    let why = if mode & 0o006 != 0o006 {
+        Some(format!(
+            "/dev/fuse is mode {:o}: an ordinary user cannot open it (a stock system has 0666)",
+            mode & 0o777
+        ))
+    } else if nix::unistd::User::from_uid(NOBODY.into())
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        Some("there is no user nobody (uid 65534)".to_string())
+    } else {
+        None
+    };
+    let why = why?;
+    if crate::required_backends().iter().any(|r| r == "fuse") {
+        return Some(Err(
+            format!("LAYERPACK_REQUIRE includes fuse, but: {why}").into()
+        ));
+    }
+    Some(Ok(crate::libtest_mimic::Completion::ignored_with(why)))
+}

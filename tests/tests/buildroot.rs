@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use layerpack_tests::{
-    assert_same_trees, dpkg_in, dpkg_skeleton, expect_ok, hook_bin, layerpack_bin, missing, passed,
-    scratch_dir, tree_summary, Need, Outcome,
+    as_nobody, assert_same_trees, dpkg_in, dpkg_skeleton, expect_ok, give_to_nobody, hook_bin,
+    layerpack_bin, missing, passed, scratch_dir, tree_summary, unprivileged_fuse, Need, Outcome,
 };
 
 fn scratch(name: &str) -> PathBuf {
@@ -208,6 +208,9 @@ fn br_with(
         .env_remove("LAYERPACK_CONFIG")
         .env_remove("LAYERPACK_STATE_DIR")
         .stdin(Stdio::null());
+    if BUILD_USER.get() == User::Nobody {
+        as_nobody(&mut cmd);
+    }
     ok(&cmd.output().unwrap())
 }
 
@@ -257,10 +260,22 @@ const BUILD_NEEDS: &[Need] = &[
     Need::Tool("cc"),
 ];
 
+/// Who runs the build: root, or an ordinary user (as Buildroot wants).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum User {
+    Root,
+    Nobody,
+}
+
+thread_local! {
+    /// Who the [`br`] calls of the current test run as.
+    static BUILD_USER: std::cell::Cell<User> = const { std::cell::Cell::new(User::Root) };
+}
+
 /// A whole build with the hook, on `backend` (`None`: no config, the
-/// hook's default), checked against the image and by installing the feed,
-/// then reinstalled.
-fn build_and_check(ppd: bool, backend: Option<&'static str>) -> Outcome {
+/// hook's default), run by `user`, checked (as root) against the image and
+/// by installing the feed, then reinstalled.
+fn build_and_check(ppd: bool, backend: Option<&'static str>, user: User) -> Outcome {
     if let Some(skip) = missing(BUILD_NEEDS) {
         return skip;
     }
@@ -269,10 +284,17 @@ fn build_and_check(ppd: bool, backend: Option<&'static str>) -> Outcome {
             return skip;
         }
     }
+    if user == User::Nobody {
+        if let Some(skip) = unprivileged_fuse() {
+            return skip;
+        }
+    }
+    BUILD_USER.set(user);
     let d = scratch(&format!(
-        "{}-{}",
+        "{}-{}{}",
         if ppd { "ppd" } else { "classic" },
-        backend.unwrap_or("default")
+        backend.unwrap_or("default"),
+        if user == User::Nobody { "-nobody" } else { "" }
     ));
     let pkgs = packages(&d);
     let o = d.join("output");
@@ -280,6 +302,9 @@ fn build_and_check(ppd: bool, backend: Option<&'static str>) -> Outcome {
         // $(CONFIG_DIR)/layerpack.toml, next to .config.
         fs::create_dir_all(&o).unwrap();
         fs::write(o.join("layerpack.toml"), format!("backend = \"{b}\"\n")).unwrap();
+    }
+    if user == User::Nobody {
+        give_to_nobody(&d);
     }
     br(&o, &pkgs, ppd, &[], ORDER);
     let feed = o.join("layerpack/feed");
@@ -541,21 +566,27 @@ fn post_build_alone_publishes_a_complete_feed() -> Outcome {
 }
 
 fn classic_build_gives_a_feed_that_reproduces_the_target() -> Outcome {
-    build_and_check(false, None)
+    build_and_check(false, None, User::Root)
 }
 
 fn per_package_directories_give_a_feed_that_reproduces_the_merged_target() -> Outcome {
-    build_and_check(true, None)
+    build_and_check(true, None, User::Root)
 }
 
 /// The same build captured by the FUSE backend, mounted over each
 /// package's target directory in place.
 fn classic_build_on_fuse_gives_the_same_feed_checks() -> Outcome {
-    build_and_check(false, Some("fuse"))
+    build_and_check(false, Some("fuse"), User::Root)
 }
 
 fn per_package_directories_on_fuse_give_the_same_feed_checks() -> Outcome {
-    build_and_check(true, Some("fuse"))
+    build_and_check(true, Some("fuse"), User::Root)
+}
+
+/// What FUSE is for: the build of an ordinary user, captured in place by
+/// the FUSE backend with no privilege, gives the same feed checks.
+fn an_ordinary_users_build_on_fuse_gives_the_same_feed_checks() -> Outcome {
+    build_and_check(false, Some("fuse"), User::Nobody)
 }
 
 fn ignored_calls_read_nothing_and_fail_nothing() -> Outcome {
@@ -600,5 +631,6 @@ layerpack_tests::test_main!(
     per_package_directories_give_a_feed_that_reproduces_the_merged_target,
     classic_build_on_fuse_gives_the_same_feed_checks,
     per_package_directories_on_fuse_give_the_same_feed_checks,
+    an_ordinary_users_build_on_fuse_gives_the_same_feed_checks,
     ignored_calls_read_nothing_and_fail_nothing,
 );

@@ -19,7 +19,7 @@ use layerpack_core::model::{ChangeKind, FileKind};
 use layerpack_core::scenarios::compare_trees;
 use layerpack_tests::{expect_ok, layerpack_bin, missing, passed, Need, Outcome};
 
-use layerpack_tests::{as_nobody, give_to_nobody, NOBODY};
+use layerpack_tests::{as_nobody, give_to_nobody, unprivileged_fuse};
 
 fn scratch(name: &str) -> PathBuf {
     layerpack_tests::scratch_dir(env!("CARGO_TARGET_TMPDIR"), "fuse", name)
@@ -30,40 +30,6 @@ fn backend(in_place: bool) -> FuseBackend {
         in_place,
         ..FuseConfig::default()
     })
-}
-
-/// `None` when an ordinary user can mount FUSE here; else the outcome.
-fn unprivileged_fuse() -> Option<Outcome> {
-    if let Some(skip) = missing(&[Need::Root, Need::Backend("fuse"), Need::Tool("fusermount3")]) {
-        return Some(skip);
-    }
-    let mode = fs::metadata("/dev/fuse").map(|m| m.mode()).unwrap_or(0);
-    let why = if mode & 0o006 != 0o006 {
-        Some(format!(
-            "/dev/fuse is mode {:o}: an ordinary user cannot open it (a stock system has 0666)",
-            mode & 0o777
-        ))
-    } else if nix::unistd::User::from_uid(NOBODY.into())
-        .ok()
-        .flatten()
-        .is_none()
-    {
-        Some("there is no user nobody (uid 65534)".to_string())
-    } else {
-        None
-    };
-    let why = why?;
-    if layerpack_tests::required_backends()
-        .iter()
-        .any(|r| r == "fuse")
-    {
-        return Some(Err(
-            format!("LAYERPACK_REQUIRE includes fuse, but: {why}").into()
-        ));
-    }
-    Some(Ok(
-        layerpack_tests::libtest_mimic::Completion::ignored_with(why),
-    ))
 }
 
 /// Begin a session of `b` on `base` with its session directory in `d`:

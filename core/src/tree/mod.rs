@@ -101,6 +101,7 @@ impl Record {
         // records it): what the entry is, for every reader.
         if let Some(v) = xattrs.remove(override_stat::XATTR.as_bytes()) {
             match override_stat::Override::parse(&v) {
+                Some(_) if !override_stat::in_effect() => {}
                 Some(o) => {
                     (kind, rdev) = override_stat::effective_kind(kind, rdev, &o);
                     (mode, uid, gid) = (o.mode, o.uid, o.gid);

@@ -11,11 +11,24 @@
 //! says what it is. Every tree read ([`crate::tree::Record`]) applies the
 //! record, so packages carry the owners, modes and devices the install
 //! asked for; the xattr itself is bookkeeping, never content.
+//!
+//! Under fakeroot (`FAKEROOTKEY` set) records are not applied: fakeroot's
+//! database then holds the tree's owners and modes, and what it shows is
+//! what the image it makes will hold. Buildroot's image step is such a
+//! run: it resets every owner to 0:0 and applies the permission tables
+//! there, behind the records' back.
 
 use crate::model::{make_dev, split_dev, FileKind};
 
 /// The xattr's name.
 pub const XATTR: &str = "user.containers.override_stat";
+
+/// Whether readers apply records: not under fakeroot (see the module
+/// docs). Decided once per process.
+pub fn in_effect() -> bool {
+    static IN_EFFECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN_EFFECT.get_or_init(|| std::env::var_os("FAKEROOTKEY").is_none_or(|k| k.is_empty()))
+}
 
 /// One parsed record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
