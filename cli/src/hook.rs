@@ -191,6 +191,9 @@ fn post_script(tree: &Path) -> ExitCode {
     if let Some(a) = br2_arch() {
         cmd.arg("--default-arch").arg(a);
     }
+    if let Some(info) = package_info(&base, in_image) {
+        cmd.arg("--package-info").arg(info);
+    }
     let done = run(cmd, "repack");
     if done != ExitCode::SUCCESS {
         return done;
@@ -198,6 +201,52 @@ fn post_script(tree: &Path) -> ExitCode {
     let mut cmd = layerpack();
     cmd.arg("index").arg(&feed);
     run(cmd, "index")
+}
+
+/// Buildroot's `make show-info` (licenses and download locations of every
+/// package), saved as `show-info.json` next to the feed. It is run once per
+/// build, by the post-build call, in the Buildroot tree (the script's
+/// working directory) for the output directory `$O`; the post-fakeroot call
+/// reuses it. The make that runs the script holds the jobserver, so the
+/// inner one gets none of its flags. Without it (no `make`, an error) the
+/// packages go without License and Source, and the hook says so.
+fn package_info(base: &Path, in_image: bool) -> Option<std::path::PathBuf> {
+    let saved = base.join("show-info.json");
+    if in_image && saved.is_file() {
+        return Some(saved);
+    }
+    let out = env_path("O").or_else(|| env_path("BASE_DIR"))?;
+    let ran = Command::new("make")
+        .args(["-s", "--no-print-directory"])
+        .arg(format!("O={}", out.display()))
+        .arg("show-info")
+        .env_remove("MAKEFLAGS")
+        .env_remove("MFLAGS")
+        .env_remove("MAKELEVEL")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output();
+    let why = match ran {
+        Ok(o) if o.status.success() => {
+            match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                Ok(v) if v.is_object() => match std::fs::write(&saved, &o.stdout) {
+                    Ok(()) => return Some(saved),
+                    Err(e) => format!("cannot write {}: {e}", saved.display()),
+                },
+                _ => "its output is not a JSON object".to_string(),
+            }
+        }
+        Ok(o) => format!(
+            "it failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("cannot run make: {e}"),
+    };
+    eprintln!(
+        "layerpack-buildroot-hook: `make show-info` gave nothing ({why}); the packages have no License or Source field"
+    );
+    None
 }
 
 /// The ledger's file name (as `layerpack_core::ledger::LEDGER_FILE`).

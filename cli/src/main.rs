@@ -9,6 +9,7 @@ mod elfdeps;
 mod manifest;
 mod packaging;
 mod progress;
+mod showinfo;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -169,6 +170,10 @@ enum Command {
         /// holds opkg).
         #[arg(long = "opkg-db", value_name = "WHEN", default_value = "no", value_parser = ["auto", "yes", "no"])]
         opkg_db: String,
+        /// Buildroot's `make show-info` output: each package's License and
+        /// Source fields are taken from it.
+        #[arg(long = "package-info", value_name = "FILE")]
+        package_info: Option<PathBuf>,
         #[command(flatten)]
         pack: packaging::PackArgs,
     },
@@ -391,6 +396,7 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             extra_version,
             provisional,
             opkg_db,
+            package_info,
             pack,
         } => app
             .repack(
@@ -401,6 +407,7 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
                     extra_version: &extra_version,
                     provisional,
                     opkg_db: &opkg_db,
+                    package_info: package_info.as_deref(),
                 },
                 &pack,
             )
@@ -1052,6 +1059,10 @@ impl App {
                 ..ledger.get(extra).cloned().unwrap_or_default()
             });
         }
+        let info = match o.package_info {
+            Some(f) => showinfo::read(f)?,
+            None => Default::default(),
+        };
         let (needs, unresolved) = elfdeps::resolve(&ledger, &root);
         report.extend(unresolved);
         let mut written = Vec::new();
@@ -1066,6 +1077,7 @@ impl App {
                     nix::unistd::geteuid().as_raw(),
                     nix::unistd::getegid().as_raw(),
                 )),
+                info: info.get(name.as_str()),
             };
             let mut p = packaging::Packaging::decide(pack, None, &self.config, &subject)?;
             p.publish = !provisional;
@@ -1097,6 +1109,7 @@ impl App {
                 package: extra,
                 version: Some(extra_version),
                 installer: None,
+                info: None,
             },
         )?;
         // Provisional: the ledger stays as the captures left it, so the
@@ -1229,6 +1242,7 @@ struct RepackOpts<'a> {
     extra_version: &'a str,
     provisional: bool,
     opkg_db: &'a str,
+    package_info: Option<&'a Path>,
 }
 
 /// opkg's database for the packages just written, as if opkg had

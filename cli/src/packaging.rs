@@ -46,6 +46,9 @@ pub struct PackArgs {
     /// Source field.
     #[arg(long, value_name = "NAME")]
     pub source: Option<String>,
+    /// License field (e.g. an SPDX expression).
+    #[arg(long, value_name = "TEXT")]
+    pub license: Option<String>,
     /// Buildroot device/permission table applied to the package (repeatable).
     #[arg(long = "device-table", value_name = "FILE")]
     pub device_tables: Vec<PathBuf>,
@@ -115,6 +118,10 @@ pub struct Subject<'a> {
     pub version: Option<&'a str>,
     /// uid and gid the install ran as, when known.
     pub installer: Option<(u32, u32)>,
+    /// What the build system knows of the package (Buildroot's `make
+    /// show-info`: license, source): below the config's
+    /// `[packages.<name>]`, above `[package_defaults]`.
+    pub info: Option<&'a MetaFields>,
 }
 
 impl<'a> Subject<'a> {
@@ -124,6 +131,7 @@ impl<'a> Subject<'a> {
             package: &s.package,
             version: s.version.as_deref(),
             installer: s.installer,
+            info: None,
         }
     }
 }
@@ -146,6 +154,7 @@ impl Packaging {
             section: args.section.clone(),
             priority: args.priority.clone(),
             source: args.source.clone(),
+            license: args.license.clone(),
             conffiles: None,
         };
         let session = MetaFields {
@@ -158,6 +167,7 @@ impl Packaging {
                 .packages
                 .get(s.package)
                 .unwrap_or(&MetaFields::default()))
+            .or(s.info.unwrap_or(&MetaFields::default()))
             .or(&cfg.package_defaults)
             .or(&MetaFields {
                 architecture: args.default_arch.clone(),

@@ -68,6 +68,8 @@ fn packages(at: &Path) -> PathBuf {
            ln -f "$TARGET_DIR/usr/bin/app" "$TARGET_DIR/usr/bin/app-alias"
            echo "conf=1" > "$TARGET_DIR/etc/app.conf""#,
     );
+    // Its _LICENSE, as `make show-info` reports it.
+    fs::write(p.join("app/license"), "GPL-2.0+, BSD-3-Clause").unwrap();
     // Its _PERMISSIONS: the image makes the binary setuid-group 100 only.
     fs::write(
         p.join("app/permissions"),
@@ -350,6 +352,25 @@ fn build_and_check(ppd: bool, backend: Option<&'static str>, user: User) -> Outc
         depends, "libfoo",
         "app's ELF needs libfoo.so.1, which libfoo ships"
     );
+    // License and Source from `make show-info`, run once by the post-build
+    // call; a local package has no download, so no Source.
+    let field = |ipk: &Path, f: &str| {
+        let o = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(ipk)
+            .arg(f)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field(&app_ipk, "License"), "GPL-2.0+, BSD-3-Clause");
+    assert_eq!(
+        field(&app_ipk, "Source"),
+        "https://example.org/app/app-2.0.tar.gz"
+    );
+    let local = feed.join("localpkg_1.0_x86_64.ipk");
+    assert_eq!(field(&local, "Source"), "");
+    assert!(o.join("layerpack/show-info.json").is_file());
     let report = fs::read_to_string(feed.join("report.txt")).unwrap();
     for line in [
         "extra: etc/hostname",

@@ -127,6 +127,8 @@ pub struct MetaFields {
     pub priority: Option<String>,
     /// Source.
     pub source: Option<String>,
+    /// License (SPDX expression, as Buildroot's `<PKG>_LICENSE`).
+    pub license: Option<String>,
     /// Paths (absolute, as on the target) of configuration files.
     pub conffiles: Option<Vec<String>>,
 }
@@ -146,6 +148,7 @@ impl MetaFields {
             section,
             priority,
             source,
+            license,
             conffiles
         );
         self
@@ -175,6 +178,8 @@ pub struct PackageMeta {
     pub priority: Option<String>,
     /// Source.
     pub source: Option<String>,
+    /// License.
+    pub license: Option<String>,
     /// Configuration files.
     pub conffiles: Vec<String>,
 }
@@ -299,6 +304,7 @@ impl PackageMeta {
             section: fields.section.clone(),
             priority: fields.priority.clone(),
             source: fields.source.clone(),
+            license: fields.license.clone(),
             conffiles: fields.conffiles.clone().unwrap_or_default(),
         };
         single_line("Architecture", &m.architecture)?;
@@ -309,6 +315,7 @@ impl PackageMeta {
             ("Section", &m.section),
             ("Priority", &m.priority),
             ("Source", &m.source),
+            ("License", &m.license),
         ] {
             if let Some(v) = v {
                 single_line(f, v)?;
@@ -338,6 +345,7 @@ impl PackageMeta {
             ("Depends", &self.depends),
             ("Replaces", &self.replaces),
             ("Source", &self.source),
+            ("License", &self.license),
             ("Section", &self.section),
             ("Priority", &self.priority),
         ] {
