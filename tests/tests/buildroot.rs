@@ -286,7 +286,7 @@ fn build_and_check(ppd: bool, backend: Option<&'static str>, user: User) -> Outc
             return skip;
         }
     }
-    if user == User::Nobody {
+    if user == User::Nobody && backend == Some("fuse") {
         if let Some(skip) = unprivileged_fuse() {
             return skip;
         }
@@ -606,8 +606,22 @@ fn per_package_directories_on_fuse_give_the_same_feed_checks() -> Outcome {
 
 /// What FUSE is for: the build of an ordinary user, captured in place by
 /// the FUSE backend with no privilege, gives the same feed checks.
+/// The build of an ordinary user on the default backend (snapshot, no
+/// config), as most Buildroot users run it.
+fn an_ordinary_users_build_gives_the_same_feed_checks() -> Outcome {
+    build_and_check(false, None, User::Nobody)
+}
+
+fn an_ordinary_users_per_package_build_gives_the_same_feed_checks() -> Outcome {
+    build_and_check(true, None, User::Nobody)
+}
+
 fn an_ordinary_users_build_on_fuse_gives_the_same_feed_checks() -> Outcome {
     build_and_check(false, Some("fuse"), User::Nobody)
+}
+
+fn an_ordinary_users_per_package_build_on_fuse_gives_the_same_feed_checks() -> Outcome {
+    build_and_check(true, Some("fuse"), User::Nobody)
 }
 
 fn ignored_calls_read_nothing_and_fail_nothing() -> Outcome {
@@ -652,6 +666,9 @@ layerpack_tests::test_main!(
     per_package_directories_give_a_feed_that_reproduces_the_merged_target,
     classic_build_on_fuse_gives_the_same_feed_checks,
     per_package_directories_on_fuse_give_the_same_feed_checks,
+    an_ordinary_users_build_gives_the_same_feed_checks,
+    an_ordinary_users_per_package_build_gives_the_same_feed_checks,
     an_ordinary_users_build_on_fuse_gives_the_same_feed_checks,
+    an_ordinary_users_per_package_build_on_fuse_gives_the_same_feed_checks,
     ignored_calls_read_nothing_and_fail_nothing,
 );
