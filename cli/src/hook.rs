@@ -210,7 +210,7 @@ fn post_script(tree: &Path) -> ExitCode {
 /// reuses it. The make that runs the script holds the jobserver, so the
 /// inner one gets none of its flags. Without it (no `make`, an error) the
 /// packages go without License and Source, and the hook says so.
-fn package_info(base: &Path, in_image: bool) -> Option<std::path::PathBuf> {
+fn package_info(base: &Path, in_image: bool) -> Option<PathBuf> {
     let saved = base.join("show-info.json");
     if in_image && saved.is_file() {
         return Some(saved);

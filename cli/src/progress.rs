@@ -45,6 +45,17 @@ struct State {
     count: AtomicU64,
 }
 
+impl State {
+    /// Erase the progress line, if one is drawn.
+    fn clear(&self) {
+        if self.drawn.swap(false, Ordering::Relaxed) {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+        }
+    }
+}
+
 /// Progress reporting for one process.
 #[derive(Clone)]
 pub struct Progress {
@@ -153,9 +164,7 @@ impl Progress {
                         } else {
                             (0, 0.0)
                         };
-                        if state.drawn.swap(false, Ordering::Relaxed) {
-                            eprint!("\r\x1b[K");
-                        }
+                        state.clear();
                         eprintln!("layerpack: {label}: {} in {secs:.2} s", count(n, unit));
                         l.clear();
                         *s = None;
@@ -167,11 +176,7 @@ impl Progress {
                 return;
             }
             let Some(n) = done else {
-                if state.drawn.swap(false, Ordering::Relaxed) {
-                    let mut err = std::io::stderr().lock();
-                    let _ = write!(err, "\r\x1b[K");
-                    let _ = err.flush();
-                }
+                state.clear();
                 if let Ok(mut l) = state.label.lock() {
                     l.clear();
                 }
@@ -206,11 +211,7 @@ impl Progress {
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        if self.state.drawn.swap(false, Ordering::Relaxed) {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[K");
-            let _ = err.flush();
-        }
+        self.state.clear();
         if let Ok(mut s) = self.state.started.lock() {
             if self.verbose {
                 if let (Some(start), Ok(label)) = (*s, self.state.label.lock()) {

@@ -545,11 +545,6 @@ impl<'a> PlannedEntry<'a> {
         }
     }
 
-    /// The metadata as captured (owners before the owner policy).
-    pub fn captured_meta(&self) -> &Meta {
-        &self.meta
-    }
-
     fn rare(&self) -> Option<&Rare<'a>> {
         self.rare.as_deref()
     }
