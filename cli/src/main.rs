@@ -518,16 +518,24 @@ impl App {
     }
 
     /// Open the session; say which backends `auto` skipped and why.
-    fn open_session(&self, package: &str, opts: &InitOpts) -> Result<ops::Opened> {
+    /// Open the session; `formats`: the package formats the command line
+    /// gives (`run --format`), if any.
+    fn open_session(
+        &self,
+        package: &str,
+        opts: &InitOpts,
+        formats: &[String],
+    ) -> Result<ops::Opened> {
         let ctx = self.context()?;
         let _bar = self
             .progress
             .start(&format!("scanning {}", opts.root.display()));
-        let opened = ctx.init(
+        let opened = ctx.init_for(
             package,
             &opts.root,
             opts.backend.as_deref(),
             opts.pkg_version.as_deref(),
+            formats,
         )?;
         if !self.global.json {
             for (name, why) in &opened.skipped {
@@ -546,7 +554,7 @@ impl App {
     }
 
     fn init(&self, package: &str, opts: &InitOpts) -> Result<PathBuf> {
-        let opened = self.open_session(package, opts)?;
+        let opened = self.open_session(package, opts, &[])?;
         let s = &opened.session;
         if self.global.json {
             let skipped: Vec<Value> = opened
@@ -673,7 +681,10 @@ impl App {
             init.pkg_version.as_deref(),
             fin.pack.arch.as_deref(),
         )?;
-        let merged = self.open_session(package, init)?.session.merged;
+        let merged = self
+            .open_session(package, init, &fin.pack.format)?
+            .session
+            .merged;
         let (prog, args) = command
             .split_first()
             .ok_or_else(|| anyhow!("no command given after --"))?;

@@ -80,6 +80,19 @@ impl Context<'_> {
         choice: Option<&str>,
         version: Option<&str>,
     ) -> Result<Opened> {
+        self.init_for(pkg, root, choice, version, &[])
+    }
+
+    /// [`Context::init`] for a capture whose package `formats` are known
+    /// already (`run --format`); empty: the configured ones.
+    pub fn init_for(
+        &self,
+        pkg: &str,
+        root: &Path,
+        choice: Option<&str>,
+        version: Option<&str>,
+        formats: &[String],
+    ) -> Result<Opened> {
         validate_package_name(pkg)?;
         // What the package file will be called must fit before anything
         // is captured (the arch and version the config knows of, too).
@@ -90,11 +103,17 @@ impl Context<'_> {
             .cloned()
             .unwrap_or_default()
             .or(&self.config.package_defaults);
-        crate::pack::check_file_name_fields(
-            pkg,
-            version.or(fields.version.as_deref()),
-            fields.architecture.as_deref(),
-        )?;
+        let version = version.or(fields.version.as_deref());
+        crate::pack::check_file_name_fields(pkg, version, fields.architecture.as_deref())?;
+        // The name must suit the package's format: the given or configured
+        // ones, or the default (ipk) once a version says a package will be
+        // written.
+        match &self.config.formats {
+            _ if !formats.is_empty() => crate::pack::check_name_for_formats(pkg, formats)?,
+            Some(f) => crate::pack::check_name_for_formats(pkg, f)?,
+            None if version.is_some() => crate::pack::check_name_for_formats(pkg, &["ipk"])?,
+            None => {}
+        }
         let base = check_root(root)?;
         // One read of the mount table for every check of where things lie.
         let mounts = crate::sys::read_mountinfo()

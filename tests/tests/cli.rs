@@ -373,7 +373,8 @@ fn misspelt_backend_sections_and_keys_fail_at_their_line() -> Outcome {
 /// Limits are stated up front: a long name says the limit is its length
 /// (not the alphabet), a name and version that cannot fit in a package
 /// file name are refused at init and run (not at the end of final), and
-/// `--arch` is checked like the other fields.
+/// `--arch` is checked like the other fields, and so is a name the
+/// package's format cannot carry.
 fn name_version_and_arch_limits_are_checked_before_anything_runs() -> Outcome {
     let e = Env::new("limits");
     let long = "a".repeat(240);
@@ -421,6 +422,39 @@ fn name_version_and_arch_limits_are_checked_before_anything_runs() -> Outcome {
         "{}",
         stderr(&o)
     );
+    // A name no package can carry is refused at init once a version says
+    // a package will be written, and at run unless it writes none.
+    for cmd in ["init", "run"] {
+        let root = root_arg(&e);
+        let mut args = vec![cmd, "t", "--root", &root, "--version", "1"];
+        if cmd == "run" {
+            args.extend(["--", "sh", "-c", "touch \"$LAYERPACK_ROOT/ran\""]);
+        }
+        let o = e.run(&args);
+        assert_eq!(code(&o), 1, "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("'t' cannot be mapped to an ipk name"),
+            "{cmd}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!e.root().join("ran").exists(), "the install ran anyway");
+    assert_eq!(session_count(&e), 0);
+    let o = e.run(&[
+        "run",
+        "t",
+        "--root",
+        &root_arg(&e),
+        "--version",
+        "1",
+        "--format",
+        "none",
+        "--out",
+        "out",
+        "--",
+        "true",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(session_count(&e), 0);
     passed()
 }

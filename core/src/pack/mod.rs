@@ -255,6 +255,20 @@ pub fn check_file_name_fields(
     Ok(())
 }
 
+/// Check, before anything is captured, that `name` can name a package
+/// when `formats` (as the command line and config give them) write one:
+/// every format takes the ipk name, [a-z0-9][a-z0-9.+-]+ after mapping.
+pub fn check_name_for_formats<S: AsRef<str>>(name: &str, formats: &[S]) -> Result<()> {
+    let named = formats
+        .iter()
+        .flat_map(|f| f.as_ref().split(','))
+        .any(|f| f.trim() != "none");
+    if named {
+        map_package_name(name)?;
+    }
+    Ok(())
+}
+
 fn single_line(field: &str, v: &str) -> Result<()> {
     if v.contains('\n') || v.trim().is_empty() {
         return Err(Error::new(
