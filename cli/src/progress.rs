@@ -165,7 +165,7 @@ impl Progress {
                             (0, 0.0)
                         };
                         state.clear();
-                        eprintln!("layerpack: {label}: {} in {secs:.2} s", count(n, unit));
+                        eprintln!("layerpack: {label}: {} in {secs:.3} s", count(n, unit));
                         l.clear();
                         *s = None;
                         return;
@@ -218,7 +218,7 @@ impl Drop for Bar {
                     let n = self.state.count.load(Ordering::Relaxed);
                     if n > 0 {
                         eprintln!(
-                            "layerpack: {label}: {n} entries in {:.2} s",
+                            "layerpack: {label}: {n} entries in {:.3} s",
                             start.elapsed().as_secs_f64()
                         );
                     }
