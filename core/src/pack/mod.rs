@@ -1354,12 +1354,15 @@ fn threads(opts: &PackOptions) -> usize {
     }
 }
 
-/// Write the gzip'd data tarball of `plan` to `path`.
+/// Write the gzip'd data tarball of `plan` to `path`; `sync`: it is the
+/// package itself (not a member copied into one), so it must reach the
+/// disk before it is renamed into place.
 fn write_data_tar_gz(
     path: &Path,
     plan: &Plan,
     opts: &PackOptions,
     extended: bool,
+    sync: bool,
 ) -> Result<[u8; 32]> {
     let f = fs::File::create(path).map_err(io_err(path, "cannot create"))?;
     let gz = pgz::ParallelGz::new(
@@ -1369,10 +1372,12 @@ fn write_data_tar_gz(
     );
     let (gz, digest) = write_data_tar(gz, plan, b"./", false, extended)?;
     let w = gz.finish().map_err(io_err(path, "cannot write"))?;
-    w.into_inner()
-        .map_err(|e| Error::io(path, "cannot write", e.into_error()))?
-        .sync_all()
-        .map_err(io_err(path, "cannot sync"))?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
+    if sync {
+        f.sync_all().map_err(io_err(path, "cannot sync"))?;
+    }
     Ok(digest)
 }
 
@@ -1410,7 +1415,7 @@ pub fn write_package_digest(
         let level = opts.compression;
         let ctl_mtime = opts.source_date_epoch.unwrap_or(0);
         match format {
-            Format::Tar => digest = write_data_tar_gz(&tmp, plan, opts, true)?,
+            Format::Tar => digest = write_data_tar_gz(&tmp, plan, opts, true, true)?,
             Format::Oci => {
                 let f = fs::File::create(&tmp).map_err(io_err(&tmp, "cannot create"))?;
                 let (w, d) = write_data_tar(std::io::BufWriter::new(f), plan, b"", true, true)?;
@@ -1421,7 +1426,9 @@ pub fn write_package_digest(
                     .map_err(io_err(&tmp, "cannot sync"))?;
             }
             Format::Ipk | Format::Deb | Format::IpkOpenwrt => {
-                digest = write_data_tar_gz(&tmp_data, plan, opts, format != Format::Deb)?;
+                // A temporary member: the package it is copied into is
+                // what gets synced.
+                digest = write_data_tar_gz(&tmp_data, plan, opts, format != Format::Deb, false)?;
                 let data_len = fs::metadata(&tmp_data)
                     .map_err(io_err(&tmp_data, "cannot stat"))?
                     .len();
