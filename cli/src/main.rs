@@ -518,8 +518,8 @@ impl App {
     }
 
     /// Open the session; say which backends `auto` skipped and why.
-    /// Open the session; `formats`: the package formats the command line
-    /// gives (`run --format`), if any.
+    /// `formats`: the package formats the command line gives (`run
+    /// --format`), if any.
     fn open_session(
         &self,
         package: &str,
