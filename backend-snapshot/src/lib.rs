@@ -378,7 +378,7 @@ mod tests {
             .unwrap();
         let cs = b.changes(&s, &ChangeOptions::default()).unwrap();
         assert_eq!(cs.len(), 1);
-        assert_eq!(cs.changes()[0].kind.symbol(), '~');
+        assert_eq!(cs.to_vec()[0].kind.symbol(), '~');
         fs::remove_dir_all(s.base.parent().unwrap()).unwrap();
     }
 
@@ -419,7 +419,7 @@ mod tests {
         assert!(b.changes(&s, &ChangeOptions::default()).unwrap().is_empty());
         rewrite(b"abcd");
         let cs = b.changes(&s, &ChangeOptions::default()).unwrap();
-        assert_eq!(cs.changes()[0].kind.symbol(), '~');
+        assert_eq!(cs.to_vec()[0].kind.symbol(), '~');
         fs::remove_dir_all(s.base.parent().unwrap()).unwrap();
     }
 

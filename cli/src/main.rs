@@ -641,7 +641,7 @@ impl App {
         } else {
             if let Some(cs) = &done.changes {
                 if verbosity() >= Verbosity::Verbose {
-                    for c in cs.changes() {
+                    for c in cs {
                         detail!("  {} {}", c.kind.symbol(), c.path);
                     }
                 }
@@ -749,7 +749,7 @@ impl App {
                 cs.len(),
                 s.base.display()
             );
-            for c in cs.changes().iter().take(20) {
+            for c in cs.iter().take(20) {
                 eprintln!("  {} {}", c.kind.symbol(), c.path);
             }
             if cs.len() > 20 {
@@ -1235,9 +1235,9 @@ impl App {
         let _bar = self.progress.start("comparing trees");
         let cs = layerpack_core::tree::diff_trees(before, after, &ScanOptions::default())?;
         drop(_bar);
-        for c in cs.changes() {
+        for c in &cs {
             if self.global.json {
-                print_json(&manifest::change_line(c))?;
+                print_json(&manifest::change_line(&c))?;
             } else {
                 print_line(&format!("{} {}", c.kind.symbol(), c.path))?;
             }

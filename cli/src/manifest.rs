@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use layerpack_core::jsonbytes::to_json;
 use layerpack_core::model::{Change, ChangeKind, ChangeSet};
+use layerpack_core::pack::compose::Route;
 use layerpack_core::session::write_atomic_with;
 use layerpack_core::tree::hex;
 use serde::Serialize;
@@ -108,7 +109,7 @@ pub fn change_line(c: &Change) -> Value {
 /// Counts of each kind of change.
 pub fn summary(cs: &ChangeSet) -> Value {
     let (mut added, mut modified, mut metadata, mut deleted) = (0, 0, 0, 0);
-    for c in cs.changes() {
+    for c in cs {
         match c.kind {
             ChangeKind::Added => added += 1,
             ChangeKind::Modified {
@@ -130,23 +131,17 @@ pub fn write_changes_json(
     backend: &str,
     root: &Path,
     cs: &ChangeSet,
-    routes: &[&'static str],
+    routes: &[Route],
 ) -> Result<std::path::PathBuf> {
     /// The changes, serialized one record at a time as they are written:
     /// the document is never in memory whole.
-    struct Changes<'a>(&'a ChangeSet, &'a [&'static str]);
+    struct Changes<'a>(&'a ChangeSet, &'a [Route]);
     impl Serialize for Changes<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-            s.collect_seq(
-                self.0
-                    .changes()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| ChangeRecord {
-                        route: self.1.get(i).copied(),
-                        ..ChangeRecord::of(c)
-                    }),
-            )
+            s.collect_seq(self.0.iter().enumerate().map(|(i, c)| ChangeRecord {
+                route: self.1.get(i).map(|r| r.as_str()),
+                ..ChangeRecord::of(&c)
+            }))
         }
     }
     #[derive(Serialize)]

@@ -297,7 +297,25 @@ impl Packaging {
             ));
         }
         let written = self.compose_and_emit(&mut ledger, &s.package, cs, content, &s.base, out)?;
-        self.save(&ledger, out, written)
+        // What the package owns from the layer is read from the change set
+        // as the ledger is written, not copied into its record.
+        let kept: &[layerpack_core::ledger::OwnedPath] = ledger
+            .get(&s.package)
+            .map(|r| r.files.as_slice())
+            .unwrap_or_default();
+        let routes = &written.routes;
+        let files = || -> Box<dyn Iterator<Item = layerpack_core::ledger::OwnedPath> + '_> {
+            Box::new(compose::with_layer_files(
+                kept,
+                compose::owned_from_layer(cs, routes),
+            ))
+        };
+        let streamed = layerpack_core::ledger::StreamedFiles {
+            name: &s.package,
+            files: &files,
+        };
+        let unlisted = ledger.save_with(Some(streamed))?;
+        self.saved(unlisted, out, written)
     }
 
     /// Compose the package of `name` from the layer `cs` (under `layer`)
@@ -355,7 +373,13 @@ impl Packaging {
             };
             meta.replaces = join(&meta.replaces, &c.replaces);
             meta.depends = join(&meta.depends, &c.depends);
-            let mut plan = Plan::build(std::mem::take(&mut c.items), layer, base, &self.opts)?;
+            let mut plan = Plan::build_with(
+                Some(compose::layer_items(cs, &c.routes)),
+                std::mem::take(&mut c.items),
+                layer,
+                base,
+                &self.opts,
+            )?;
             plan.deletions = c.deletions.clone();
             plan.edits = c.edits.clone();
             self.notes.extend(plan.warnings.iter().cloned());
@@ -366,7 +390,7 @@ impl Packaging {
                 ));
             }
             if self.formats.contains(&Format::Deb) {
-                for e in plan.entries.iter().filter(|e| !e.xattrs().is_empty()) {
+                for e in plan.entries().filter(|e| !e.xattrs().is_empty()) {
                     self.notes.push(format!(
                         "{}: the deb carries no xattrs (dpkg refuses PAX headers); {}",
                         e.path,
@@ -415,17 +439,29 @@ impl Packaging {
         for (other, paths) in &c.taken {
             ledger.disown(other, paths);
         }
-        ledger.set(c.take_record(cs));
+        ledger.set(c.take_record());
         Ok(Written {
             paths: written,
             counts: c.counts,
-            routes: c.routes.into_iter().map(|r| r.as_str()).collect(),
+            routes: c.routes,
         })
     }
 
     /// Save the ledger and the file list made from it.
-    pub fn save(&mut self, ledger: &Ledger, out: &Path, mut written: Written) -> Result<Written> {
-        for (pkg, path) in ledger.save()? {
+    pub fn save(&mut self, ledger: &Ledger, out: &Path, written: Written) -> Result<Written> {
+        let unlisted = ledger.save()?;
+        self.saved(unlisted, out, written)
+    }
+
+    /// Note the `unlisted` paths of a saved ledger; add it and its file
+    /// list to `written`.
+    fn saved(
+        &mut self,
+        unlisted: Vec<(String, String)>,
+        out: &Path,
+        mut written: Written,
+    ) -> Result<Written> {
+        for (pkg, path) in unlisted {
             self.notes.push(format!(
                 "{path:?} ({pkg}) has a newline in its name; it is in the ledger and changes.json but not in packages-file-list.txt"
             ));
@@ -499,5 +535,5 @@ pub struct Written {
     /// Which route the package's entries took.
     pub counts: Counts,
     /// The route of each change (for `changes.json`).
-    pub routes: Vec<&'static str>,
+    pub routes: Vec<compose::Route>,
 }

@@ -18,13 +18,14 @@
 //! A path no package owns belongs to the base (what the root held before
 //! layerpack first captured into it).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{escape_bytes, FileKind, RelPath};
+use crate::model::{escape_bytes, path_cmp, FileKind, RelPath};
 
 /// serde for a [`FileKind`] as its manifest name.
 mod kind_text {
@@ -166,10 +167,61 @@ struct LedgerFile {
 
 /// [`LedgerFile`] as written: borrowed, so saving copies nothing.
 #[derive(Serialize)]
-struct LedgerOut<'a> {
+struct LedgerOut<'a, 's> {
     format: u32,
     roots: Vec<serde_json::Value>,
-    packages: &'a [PackageRecord],
+    packages: PackagesOut<'a, 's>,
+}
+
+struct PackagesOut<'a, 's>(&'a Ledger, &'a Option<StreamedFiles<'s>>);
+
+impl Serialize for PackagesOut<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.packages.iter().map(|rec| RecordOut {
+            name: &rec.name,
+            package: rec.package.as_deref(),
+            version: rec.version.as_deref(),
+            files: FilesOut(rec, self.1),
+            edits: &rec.edits,
+            published: rec.published.as_ref(),
+        }))
+    }
+}
+
+/// A [`PackageRecord`] as written (the same fields).
+#[derive(Serialize)]
+struct RecordOut<'a, 's> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    package: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<&'a str>,
+    files: FilesOut<'a, 's>,
+    #[serde(skip_serializing_if = "<[EditRecord]>::is_empty")]
+    edits: &'a [EditRecord],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    published: Option<&'a Published>,
+}
+
+struct FilesOut<'a, 's>(&'a PackageRecord, &'a Option<StreamedFiles<'s>>);
+
+impl Serialize for FilesOut<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.1 {
+            Some(st) if st.name == self.0.name => s.collect_seq((st.files)()),
+            _ => s.collect_seq(&self.0.files),
+        }
+    }
+}
+
+/// The files of one package, given as a stream when the ledger is
+/// written instead of being held in its record: those of a layer a
+/// million files long are read from its change set.
+pub struct StreamedFiles<'a> {
+    /// The package.
+    pub name: &'a str,
+    /// Every file it owns, in path order; called once per file written.
+    pub files: &'a dyn Fn() -> Box<dyn Iterator<Item = OwnedPath> + 'a>,
 }
 
 /// An open, locked ledger.
@@ -336,8 +388,8 @@ impl Ledger {
 
     /// Replace (or add) the record of `rec.name`.
     pub fn set(&mut self, mut rec: PackageRecord) {
-        rec.files.sort_by(|a, b| a.path.cmp(&b.path));
-        rec.edits.sort_by(|a, b| a.path.cmp(&b.path));
+        rec.files.sort_by(|a, b| path_cmp(&a.path, &b.path));
+        rec.edits.sort_by(|a, b| path_cmp(&a.path, &b.path));
         match self.packages.iter_mut().find(|p| p.name == rec.name) {
             Some(p) => *p = rec,
             None => self.packages.push(rec),
@@ -355,6 +407,12 @@ impl Ledger {
     /// paths that cannot be written in the line-based list (a newline in
     /// the name), per package.
     pub fn save(&self) -> Result<Vec<(String, String)>> {
+        self.save_with(None)
+    }
+
+    /// [`Ledger::save`], with the files of one package read from
+    /// `streamed` rather than from its record.
+    pub fn save_with(&self, streamed: Option<StreamedFiles<'_>>) -> Result<Vec<(String, String)>> {
         let doc = LedgerOut {
             format: LEDGER_FORMAT,
             roots: self
@@ -362,7 +420,7 @@ impl Ledger {
                 .iter()
                 .map(|r| crate::jsonbytes::to_json(r.as_os_str().as_encoded_bytes()))
                 .collect(),
-            packages: &self.packages,
+            packages: PackagesOut(self, &streamed),
         };
         write_atomic_with(&self.path, |w| {
             serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::from)?;
@@ -371,7 +429,11 @@ impl Ledger {
         let mut unlisted = Vec::new();
         write_atomic_with(&self.out.join(FILE_LIST), |w| {
             for p in &self.packages {
-                for f in p.files.iter().filter(|f| f.kind != FileKind::Dir) {
+                let files: Box<dyn Iterator<Item = Cow<'_, OwnedPath>>> = match &streamed {
+                    Some(st) if st.name == p.name => Box::new((st.files)().map(Cow::Owned)),
+                    _ => Box::new(p.files.iter().map(Cow::Borrowed)),
+                };
+                for f in files.filter(|f| f.kind != FileKind::Dir) {
                     if f.path.contains(&b'\n') {
                         unlisted.push((p.name.clone(), escape_bytes(&f.path)));
                         continue;

@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod beneath;
+mod changeset;
 pub mod config;
 mod error;
 pub mod jsonbytes;

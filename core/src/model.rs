@@ -429,73 +429,7 @@ pub struct Change {
     pub meta: Meta,
 }
 
-/// Every change one install made, sorted by path (see the module docs).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChangeSet {
-    changes: Vec<Change>,
-}
-
-impl ChangeSet {
-    /// Build from changes in any order; sorts them and numbers hard-link
-    /// groups in path order so equal layers give equal sets.
-    pub fn from_unsorted(mut changes: Vec<Change>) -> ChangeSet {
-        changes.sort_by(|a, b| a.path.cmp(&b.path));
-        changes.dedup_by(|a, b| a.path == b.path);
-        // Held through the whole of `final`: no room to spare.
-        changes.shrink_to_fit();
-        let mut renumber = BTreeMap::new();
-        for c in &mut changes {
-            if let Some(g) = c.meta.link_group {
-                let next = renumber.len() as u32;
-                c.meta.link_group = Some(*renumber.entry(g).or_insert(next));
-            }
-        }
-        ChangeSet { changes }
-    }
-
-    /// All changes in path order.
-    pub fn changes(&self) -> &[Change] {
-        &self.changes
-    }
-
-    /// Consume into the sorted vector.
-    pub fn into_changes(self) -> Vec<Change> {
-        self.changes
-    }
-
-    /// Number of changes.
-    pub fn len(&self) -> usize {
-        self.changes.len()
-    }
-
-    /// True when the install changed nothing.
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
-    }
-
-    /// Added and modified entries, parents first.
-    pub fn present(&self) -> impl Iterator<Item = &Change> {
-        self.changes
-            .iter()
-            .filter(|c| c.kind != ChangeKind::Deleted)
-    }
-
-    /// Deleted entries, children before parents.
-    pub fn deletions(&self) -> impl Iterator<Item = &Change> {
-        self.changes
-            .iter()
-            .rev()
-            .filter(|c| c.kind == ChangeKind::Deleted)
-    }
-
-    /// The change for one path.
-    pub fn get(&self, path: &RelPath) -> Option<&Change> {
-        self.changes
-            .binary_search_by(|c| c.path.cmp(path))
-            .ok()
-            .map(|i| &self.changes[i])
-    }
-}
+pub use crate::changeset::{ChangeSet, ChangeSetBuilder};
 
 /// Split a device number into (major, minor) the way glibc does.
 pub fn split_dev(dev: u64) -> (u32, u32) {
@@ -579,8 +513,8 @@ mod tests {
             kind: ChangeKind::Added,
             meta: m.clone(),
         };
-        let set = ChangeSet::from_unsorted(vec![c("b"), c("a")]);
-        assert_eq!(set.changes()[0].meta.link_group, Some(0));
-        assert_eq!(set.changes()[1].meta.link_group, Some(0));
+        let set = ChangeSet::from_unsorted(vec![c("b"), c("a")]).to_vec();
+        assert_eq!(set[0].meta.link_group, Some(0));
+        assert_eq!(set[1].meta.link_group, Some(0));
     }
 }

@@ -673,7 +673,7 @@ pub unsafe extern "C" fn p_changes<T: PluginBackend>(
             hash_all: opts & 1 != 0,
         };
         let cs = unsafe { backend::<T>(h) }.changes(&spec, &opts)?;
-        for c in cs.changes() {
+        for c in &cs {
             let m = &c.meta;
             let xattrs: Vec<FfiXattr> = m
                 .xattrs
@@ -1053,7 +1053,7 @@ unsafe extern "C" fn collect_tagged(ctx: *mut c_void, tag: u32, b: Bytes) {
 }
 
 struct ChangeCollector {
-    changes: Vec<Change>,
+    changes: crate::model::ChangeSetBuilder,
     error: Option<Error>,
 }
 
@@ -1315,7 +1315,7 @@ impl LayerBackend for DynBackend {
         let buf = SpecBuf::new(spec);
         let fs = buf.ffi();
         let mut col = ChangeCollector {
-            changes: Vec::new(),
+            changes: crate::model::ChangeSetBuilder::new(),
             error: None,
         };
         let r = call(self.lib, |err| unsafe {
@@ -1332,7 +1332,7 @@ impl LayerBackend for DynBackend {
             return Err(plugin_error(self.lib.path, e));
         }
         r?;
-        Ok(ChangeSet::from_unsorted(col.changes))
+        Ok(col.changes.finish())
     }
 
     fn move_down(&self, spec: &SessionSpec) -> Result<()> {

@@ -222,7 +222,7 @@ fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-fn find<'a>(cs: &'a ChangeSet, path: &str) -> Result<&'a crate::model::Change, String> {
+fn find(cs: &ChangeSet, path: &str) -> Result<crate::model::Change, String> {
     cs.get(&RelPath::from(path))
         .ok_or_else(|| format!("{path} not reported"))
 }
@@ -730,7 +730,8 @@ pub fn all() -> Vec<Scenario> {
                 v
             },
             check: Some(|cs| {
-                let sorted = cs.changes().windows(2).all(|w| w[0].path < w[1].path);
+                let all = cs.to_vec();
+                let sorted = all.windows(2).all(|w| w[0].path < w[1].path);
                 if cs.len() != 10_100 || !sorted {
                     return Err(format!("{} entries, sorted: {sorted}", cs.len()));
                 }
@@ -823,7 +824,7 @@ pub fn check_expectation(sc: &Scenario, cs: &ChangeSet) -> Result<(), String> {
         .into_iter()
         .map(|(p, s)| (RelPath::from_normalized(p), s))
         .collect();
-    for c in cs.changes() {
+    for c in cs {
         match expected.get(&c.path) {
             None => problems.push(format!("unexpected {} {}", c.kind.symbol(), c.path)),
             Some(allowed) if !allowed.contains(c.kind.symbol()) => problems.push(format!(
@@ -1013,11 +1014,10 @@ fn run_open(
     let again = backend
         .changes(spec, &ChangeOptions { hash_all: true })
         .map_err(|e| format!("changes (hash all): {e}"))?;
-    if again.changes() != cs.changes() {
+    if again != cs {
         let differ: Vec<String> = cs
-            .changes()
             .iter()
-            .zip(again.changes())
+            .zip(again.iter())
             .filter(|(a, b)| a != b)
             .map(|(a, b)| {
                 format!(

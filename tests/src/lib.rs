@@ -469,8 +469,7 @@ pub fn differ_from_snapshot(
             (sc.expect)().into_iter().collect();
         let symbols =
             |cs: &layerpack_core::model::ChangeSet| -> std::collections::BTreeMap<Vec<u8>, char> {
-                cs.changes()
-                    .iter()
+                cs.iter()
                     .map(|c| (c.path.as_bytes().to_vec(), c.kind.symbol()))
                     .collect()
             };

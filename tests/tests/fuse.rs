@@ -331,7 +331,6 @@ fn a_killed_daemon_loses_no_base_data_and_final_packs_what_reached_the_layer() -
     b.freeze(&spec).unwrap();
     let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
     let got: Vec<(String, char)> = cs
-        .changes()
         .iter()
         .map(|c| (c.path.to_string(), c.kind.symbol()))
         .collect();
@@ -379,7 +378,6 @@ fn eight_parallel_writers_lose_nothing() -> Outcome {
     b.freeze(&spec).unwrap();
     let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
     let files = cs
-        .changes()
         .iter()
         .filter(|c| c.kind == ChangeKind::Added && c.meta.kind == FileKind::File)
         .count();
@@ -582,12 +580,11 @@ fn a_base_hard_link_stays_one_file_when_written_through_one_name() -> Outcome {
     b.freeze(&spec).unwrap();
     let cs = b.changes(&spec, &ChangeOptions::default()).unwrap();
     let groups: Vec<_> = cs
-        .changes()
         .iter()
         .filter(|c| c.meta.kind == FileKind::File)
         .map(|c| c.meta.link_group)
         .collect();
-    assert_eq!(groups.len(), 3, "{:?}", cs.changes());
+    assert_eq!(groups.len(), 3, "{:?}", cs);
     assert!(
         groups.iter().all(|g| g.is_some() && *g == groups[0]),
         "{groups:?}"

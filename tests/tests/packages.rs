@@ -561,8 +561,7 @@ fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String>
     }
     let data = unpack_ar(ipk).join("data.tar.gz");
     let expected: Vec<Value> = plan
-        .entries
-        .iter()
+        .entries()
         .map(|en| {
             let name = [b"./".as_slice(), en.path.as_bytes()].concat();
             let (ty, link) = match (en.hardlink_to(), en.kind()) {
@@ -589,8 +588,7 @@ fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String>
         ));
     }
     let printable = plan
-        .entries
-        .iter()
+        .entries()
         .all(|en| en.path.as_bytes().iter().all(|b| (0x21..0x7f).contains(b)));
     let data_arg = data.to_str().unwrap();
     for (cmd, args) in [
@@ -606,15 +604,15 @@ fn check_with_independent_readers(ipk: &Path, plan: &Plan) -> Result<(), String>
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .collect();
-        if lines.len() != plan.entries.len() && printable {
+        if lines.len() != plan.len() && printable {
             return Err(format!(
                 "{cmd} lists {} entries, the plan has {}",
                 lines.len(),
-                plan.entries.len()
+                plan.len()
             ));
         }
         if printable {
-            for (l, en) in lines.iter().zip(&plan.entries) {
+            for (l, en) in lines.iter().zip(plan.entries()) {
                 let mut want = [b"./".as_slice(), en.path.as_bytes()].concat();
                 if en.kind() == FileKind::Dir {
                     want.push(b'/');

@@ -19,9 +19,9 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use super::{private_path, Edit, MetaRef, PlannedEntry, Source};
+use super::{private_path, Edit, LayerItems, MetaRef, PlannedEntry, Source};
 use crate::ledger::{EditRecord, Ledger, OwnedPath, PackageRecord};
-use crate::model::{ChangeKind, ChangeSet, FileKind, RelPath};
+use crate::model::{path_cmp, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::Record;
 use crate::{Error, ErrorKind, Result};
 
@@ -110,7 +110,8 @@ pub struct Counts {
 /// The package of one capture.
 #[derive(Debug, Default)]
 pub struct Composition<'a> {
-    /// The entries, in no particular order.
+    /// The entries not shipped from the layer at their own paths (those
+    /// are [`Composition::layer_items`]), in no particular order.
     pub items: Vec<PlannedEntry<'a>>,
     /// Deletions of paths it does not own, `ship` policy (no way back).
     pub deletions: Vec<RelPath>,
@@ -123,8 +124,7 @@ pub struct Composition<'a> {
     /// Paths that moved to this package from another: (package, paths).
     pub taken: BTreeMap<String, BTreeSet<Vec<u8>>>,
     /// The package's ledger record after this capture, but for its files:
-    /// [`Composition::take_record`] adds them once the packages are written
-    /// (the list is as long as the layer, and needed only then).
+    /// [`Composition::take_record`] adds those it kept.
     pub record: PackageRecord,
     /// Files owned earlier and kept (left alone by this install).
     kept: Vec<OwnedPath>,
@@ -145,30 +145,74 @@ fn owned(path: &RelPath, kind: FileKind, sha: Option<[u8; 32]>) -> OwnedPath {
     }
 }
 
+/// The layer's changes a package ships at their own paths (its own,
+/// shared directories, and edits shipped as its own), read from `cs`, the
+/// change set it was composed from, by the `routes` composing it gave.
+pub fn layer_items<'s>(cs: &'s ChangeSet, routes: &'s [Route]) -> LayerItems<'s> {
+    LayerItems::selected(cs, move |i, _| {
+        matches!(
+            routes.get(i),
+            Some(Route::Owned | Route::SharedDir | Route::Ship)
+        )
+    })
+}
+
 impl Composition<'_> {
-    /// The package's ledger record, with every file it owns after this
-    /// capture: those of `cs` (the change set it was composed from) that
-    /// it ships as its own, and those it kept.
-    pub fn take_record(&mut self, cs: &ChangeSet) -> PackageRecord {
+    /// The package's ledger record, with the files it kept from its
+    /// earlier capture; those it owns from the layer are
+    /// [`owned_from_layer`], merged in when the ledger is written
+    /// ([`with_layer_files`]): the list is as long as the layer.
+    pub fn take_record(&mut self) -> PackageRecord {
         let mut record = std::mem::take(&mut self.record);
         let mut files = std::mem::take(&mut self.kept);
-        files.reserve(self.counts.from_layer + self.counts.shipped);
-        for (ch, route) in cs.changes().iter().zip(&self.routes) {
-            let own = match route {
-                Route::Owned => true,
-                Route::Ship => ch.kind != ChangeKind::Deleted,
-                _ => false,
-            };
-            if own {
-                files.push(owned(&ch.path, ch.meta.kind, ch.meta.sha256));
-            }
-        }
+        files.sort_by(|a, b| path_cmp(&a.path, &b.path));
         // A path is kept once, with its first record.
-        files.sort_by(|a, b| a.path.cmp(&b.path));
         files.dedup_by(|later, first| later.path == first.path);
         record.files = files;
         record
     }
+}
+
+/// The files of `cs` a package owns after composing it gave `routes`: its
+/// own and the edits it ships as its own, in path order.
+pub fn owned_from_layer<'s>(
+    cs: &'s ChangeSet,
+    routes: &'s [Route],
+) -> impl Iterator<Item = OwnedPath> + 's {
+    cs.iter()
+        .zip(routes)
+        .filter(|(ch, route)| match route {
+            Route::Owned => true,
+            Route::Ship => ch.kind != ChangeKind::Deleted,
+            _ => false,
+        })
+        .map(|(ch, _)| owned(&ch.path, ch.meta.kind, ch.meta.sha256))
+}
+
+/// `kept` (in path order) and the files `layer` gives (in path order)
+/// merged; a path in both keeps its record in `kept`.
+pub fn with_layer_files<'s>(
+    kept: &'s [OwnedPath],
+    layer: impl Iterator<Item = OwnedPath> + 's,
+) -> impl Iterator<Item = OwnedPath> + 's {
+    let mut kept = kept.iter().peekable();
+    let mut layer = layer.peekable();
+    std::iter::from_fn(move || {
+        let ord = match (kept.peek(), layer.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(k), Some(l)) => path_cmp(&k.path, &l.path),
+        };
+        match ord {
+            std::cmp::Ordering::Greater => layer.next(),
+            std::cmp::Ordering::Less => kept.next().cloned(),
+            std::cmp::Ordering::Equal => {
+                layer.next();
+                kept.next().cloned()
+            }
+        }
+    })
 }
 
 /// Compose the package of `name` (written as `package`) from the layer
@@ -189,23 +233,14 @@ pub fn compose<'a>(
     let prev_edits: BTreeMap<&[u8], &EditRecord> =
         prev.edits.iter().map(|e| (e.path.as_slice(), e)).collect();
     let mut c = Composition {
-        items: Vec::with_capacity(cs.len()),
         routes: Vec::with_capacity(cs.len()),
         ..Composition::default()
     };
     let mut edits_after: BTreeMap<Vec<u8>, EditRecord> = BTreeMap::new();
     let mut refused = Vec::new();
-    for ch in cs.changes() {
+    for ch in cs {
         let key = ch.path.as_bytes();
         let m = &ch.meta;
-        let layer_item = |name: Cow<'a, RelPath>| {
-            PlannedEntry::captured(
-                name,
-                MetaRef::Borrowed(m),
-                Source::Layer,
-                Cow::Borrowed(&ch.path),
-            )
-        };
         // A path the package edited earlier keeps its original owner,
         // even when this install re-created what it had deleted.
         let foreign_owner: Option<Option<&str>> = if prev_owned.contains_key(key) {
@@ -236,7 +271,6 @@ pub fn compose<'a>(
                     .or_default()
                     .insert(key.to_vec());
             }
-            c.items.push(layer_item(Cow::Borrowed(&ch.path)));
             c.counts.from_layer += 1;
             continue;
         };
@@ -246,7 +280,6 @@ pub fn compose<'a>(
         if m.kind == FileKind::Dir && ch.kind != ChangeKind::Deleted {
             // Directories are shared: a changed one is shipped as a
             // directory entry, owned by nobody new.
-            c.items.push(layer_item(Cow::Borrowed(&ch.path)));
             c.routes.push(Route::SharedDir);
             continue;
         }
@@ -278,22 +311,23 @@ pub fn compose<'a>(
                 c.routes.push(Route::Ship);
                 if deleted {
                     c.deletions.push(ch.path.clone());
-                } else {
-                    c.items.push(layer_item(Cow::Borrowed(&ch.path)));
-                    if let Some(o) = owner {
-                        c.taken
-                            .entry(o.to_string())
-                            .or_default()
-                            .insert(key.to_vec());
-                    }
+                } else if let Some(o) = owner {
+                    c.taken
+                        .entry(o.to_string())
+                        .or_default()
+                        .insert(key.to_vec());
                 }
             }
             ForeignPolicy::Divert => {
                 c.counts.diverted += 1;
                 c.routes.push(Route::Divert);
                 if !deleted {
-                    c.items
-                        .push(layer_item(Cow::Owned(private_path(package, &ch.path))));
+                    c.items.push(PlannedEntry::captured(
+                        Cow::Owned(private_path(package, &ch.path)),
+                        MetaRef::Owned(Box::new(ch.meta.clone())),
+                        Source::Layer,
+                        Cow::Owned(ch.path.clone()),
+                    ));
                 }
                 c.edits.push(Edit {
                     path: ch.path.clone(),

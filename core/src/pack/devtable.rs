@@ -138,7 +138,7 @@ fn node(path: RelPath, kind: FileKind, d: &DevEntry, minor: u32) -> PlannedEntry
 /// Apply the table to the planned entries.
 pub fn apply_table(
     table: &[DevEntry],
-    map: &mut Entries<'_>,
+    map: &mut Entries<'_, '_>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     for d in table {
@@ -175,11 +175,9 @@ pub fn apply_table(
             }
             'r' => {
                 let mut hit = false;
-                for e in map.iter_mut() {
-                    if e.path.starts_with(&d.path) {
-                        set(e, d);
-                        hit = true;
-                    }
+                for e in map.under_mut(&d.path) {
+                    set(e, d);
+                    hit = true;
                 }
                 if !hit {
                     warnings.push(format!(

@@ -21,7 +21,7 @@ pub mod tarw;
 pub mod version;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -32,7 +32,7 @@ use flate2::{Compression, GzBuilder};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{escape_bytes, ChangeSet, FileKind, Meta, RelPath, Xattrs};
+use crate::model::{escape_bytes, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs};
 use crate::{Error, ErrorKind, Result};
 use tarw::{TarHeader, TarKind, TarWriter};
 
@@ -438,7 +438,7 @@ pub struct PackOptions {
 }
 
 /// Where a package entry's content is read from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     /// The layer this capture read (the backend's content root).
     Layer,
@@ -478,8 +478,9 @@ impl From<Meta> for MetaRef<'_> {
 /// One entry of a package, fully decided. What it is (type, size, link
 /// target, device numbers, hash) is read from the metadata it came with;
 /// what the package says of it (mode, owners, mtime) is decided here.
-/// Paths and metadata are borrowed from the change set where they can be,
-/// so a plan costs a small fixed size per entry.
+/// A plan holds few of them: the layer's are made as they are read
+/// ([`Plan::entries`]); the lifetime lets callers lend paths and
+/// metadata they hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedEntry<'a> {
     /// Path in the package.
@@ -628,11 +629,79 @@ pub struct Edit {
     pub deleted: bool,
 }
 
+/// Which changes of a set [`LayerItems`] takes, by position.
+type Selector<'a> = Box<dyn Fn(usize, &Change) -> bool + 'a>;
+
+/// The layer's entries a plan ships at their own paths: the present
+/// changes of a change set that a selector takes (by position in the set).
+/// They are read from the set as the package is written, not copied into
+/// the plan: a plan of a million files holds what is special about it,
+/// not a million entries.
+pub struct LayerItems<'a> {
+    changes: &'a ChangeSet,
+    select: Selector<'a>,
+}
+
+impl<'a> LayerItems<'a> {
+    /// Every present change of `changes`.
+    pub fn present(changes: &'a ChangeSet) -> LayerItems<'a> {
+        LayerItems::selected(changes, |_, c| c.kind != ChangeKind::Deleted)
+    }
+
+    /// The changes of `changes` that `select` takes (it is given their
+    /// position in the set); a deletion is never taken.
+    pub fn selected(
+        changes: &'a ChangeSet,
+        select: impl Fn(usize, &Change) -> bool + 'a,
+    ) -> LayerItems<'a> {
+        LayerItems {
+            changes,
+            select: Box::new(select),
+        }
+    }
+
+    fn take(&self, i: usize, c: &Change) -> bool {
+        c.kind != ChangeKind::Deleted && (self.select)(i, c)
+    }
+
+    /// The items, in path order, undecided.
+    fn items(&self) -> impl Iterator<Item = PlannedEntry<'static>> + '_ {
+        self.changes
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| self.take(*i, c))
+            .map(|(_, c)| layer_entry(c))
+    }
+
+    fn item(&self, path: &RelPath) -> Option<PlannedEntry<'static>> {
+        let (i, c) = self.changes.get_indexed(path)?;
+        self.take(i, &c).then(|| layer_entry(c))
+    }
+}
+
+fn layer_entry(c: Change) -> PlannedEntry<'static> {
+    let Change { path, meta, .. } = c;
+    PlannedEntry::captured(
+        Cow::Owned(path.clone()),
+        meta.into(),
+        Source::Layer,
+        Cow::Owned(path),
+    )
+}
+
 /// The entries of a package, and what could not be included.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Plan<'a> {
-    /// Entries in path order.
-    pub entries: Vec<PlannedEntry<'a>>,
+    layer: Option<LayerItems<'a>>,
+    /// The entries not read from `layer` as they are (read from the base,
+    /// made up, edited by the permission table, diverted), decided, in
+    /// path order. One of them replaces a layer entry of the same path.
+    others: Vec<PlannedEntry<'a>>,
+    /// The first path of each hard-link group.
+    first_of_group: HashMap<(Source, u32), RelPath>,
+    opts: PackOptions,
+    len: usize,
+    content_bytes: u64,
     /// Deleted base paths removed by the generated `postinst` with no way
     /// back (policy `ship`), children first.
     pub deletions: Vec<RelPath>,
@@ -650,30 +719,123 @@ pub struct Plan<'a> {
     pub base_root: PathBuf,
 }
 
-/// The entries of a plan while it is built: those of the items, in path
-/// order, and the few made up for them (parent directories, device-table
-/// nodes) on the side until the two are merged.
-#[derive(Default)]
-pub struct Entries<'a> {
-    sorted: Vec<PlannedEntry<'a>>,
-    extra: BTreeMap<RelPath, PlannedEntry<'a>>,
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("entries", &self.len)
+            .field("deletions", &self.deletions)
+            .field("edits", &self.edits)
+            .field("warnings", &self.warnings)
+            .finish_non_exhaustive()
+    }
 }
 
-impl<'a> Entries<'a> {
+/// What decides a layer entry as it is read: the same rules
+/// [`Plan::build`] applies to the others, without the notes (those were
+/// taken when the plan was built).
+struct Decider<'p> {
+    opts: &'p PackOptions,
+    first_of_group: &'p HashMap<(Source, u32), RelPath>,
+}
+
+impl Decider<'_> {
+    fn decide<'a>(&self, mut e: PlannedEntry<'a>) -> PlannedEntry<'a> {
+        let hardlink_to = e.meta.link_group.and_then(|g| {
+            self.first_of_group
+                .get(&(e.source, g))
+                .filter(|first| **first != *e.path)
+                .cloned()
+        });
+        decide_entry(
+            &mut e,
+            self.opts,
+            &mut OwnerReport::default(),
+            &mut Vec::new(),
+            hardlink_to.map(Cow::Owned),
+        );
+        if let Some(epoch) = self.opts.source_date_epoch {
+            e.mtime = e.mtime.min(epoch);
+        }
+        e
+    }
+}
+
+/// Owners, mode, carried xattrs and hard link of one entry; what cannot
+/// be carried is said in `warnings`.
+fn decide_entry<'a>(
+    e: &mut PlannedEntry<'a>,
+    opts: &PackOptions,
+    owners: &mut OwnerReport,
+    warnings: &mut Vec<String>,
+    hardlink_to: Option<Cow<'a, RelPath>>,
+) {
+    let m = &*e.meta;
+    let (uid, gid, mode) = owners.decide(opts.owners, &e.path, m);
+    let mut xattrs = None;
+    if !m.xattrs.keys().all(|k| is_packable_xattr(k)) {
+        let mut carried = Xattrs::new();
+        for (k, v) in &m.xattrs {
+            if is_packable_xattr(k) {
+                carried.insert(k.clone(), v.clone());
+            } else {
+                warnings.push(format!(
+                    "{}: xattr {} is not carried (only security.capability, user.* and trusted.* are)",
+                    e.path,
+                    escape_bytes(k)
+                ));
+            }
+        }
+        xattrs = Some(carried);
+    }
+    (e.uid, e.gid, e.mode) = (uid, gid, mode);
+    if hardlink_to.is_some() {
+        e.rare_mut().hardlink_to = hardlink_to;
+    }
+    if xattrs.is_some() {
+        e.rare_mut().xattrs = xattrs;
+    }
+}
+
+/// The entries of a plan while it is built: the others, in path order,
+/// the few made up or edited for them (parent directories, device-table
+/// nodes) on the side until the two are merged, and the layer's, copied
+/// to the side when the permission table edits them.
+#[derive(Default)]
+pub struct Entries<'p, 'a> {
+    sorted: Vec<PlannedEntry<'a>>,
+    extra: BTreeMap<RelPath, PlannedEntry<'a>>,
+    layer: Option<(&'p LayerItems<'a>, Decider<'p>)>,
+}
+
+impl<'a> Entries<'_, 'a> {
     fn position(&self, path: &RelPath) -> std::result::Result<usize, usize> {
         self.sorted.binary_search_by(|e| e.path.as_ref().cmp(path))
     }
 
+    fn layer_entry(&self, path: &RelPath) -> Option<PlannedEntry<'a>> {
+        let (layer, decider) = self.layer.as_ref()?;
+        let e = layer.item(path)?;
+        (e.kind() != FileKind::Socket).then(|| decider.decide(e))
+    }
+
     /// True when `path` has an entry.
     pub fn contains(&self, path: &RelPath) -> bool {
-        self.position(path).is_ok() || self.extra.contains_key(path)
+        self.position(path).is_ok()
+            || self.extra.contains_key(path)
+            || self.layer_entry(path).is_some()
     }
 
     /// The entry of `path`.
     pub fn get_mut(&mut self, path: &RelPath) -> Option<&mut PlannedEntry<'a>> {
         match self.position(path) {
             Ok(i) => Some(&mut self.sorted[i]),
-            Err(_) => self.extra.get_mut(path),
+            Err(_) => {
+                if !self.extra.contains_key(path) {
+                    let e = self.layer_entry(path)?;
+                    self.extra.insert(path.clone(), e);
+                }
+                self.extra.get_mut(path)
+            }
         }
     }
 
@@ -683,9 +845,13 @@ impl<'a> Entries<'a> {
         path: &RelPath,
         make: impl FnOnce() -> PlannedEntry<'a>,
     ) -> &mut PlannedEntry<'a> {
+        if self.position(path).is_err() && !self.extra.contains_key(path) {
+            let e = self.layer_entry(path).unwrap_or_else(make);
+            self.extra.insert(path.clone(), e);
+        }
         match self.position(path) {
             Ok(i) => &mut self.sorted[i],
-            Err(_) => self.extra.entry(path.clone()).or_insert_with(make),
+            Err(_) => self.extra.get_mut(path).expect("inserted above"),
         }
     }
 
@@ -699,24 +865,48 @@ impl<'a> Entries<'a> {
         }
     }
 
-    /// Every entry, in no particular order.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut PlannedEntry<'a>> {
-        self.sorted.iter_mut().chain(self.extra.values_mut())
+    /// Every entry at or below `prefix`, in no particular order (the
+    /// layer's are copied to the side first).
+    pub fn under_mut(
+        &mut self,
+        prefix: &RelPath,
+    ) -> impl Iterator<Item = &mut PlannedEntry<'a>> + '_ {
+        let prefix = prefix.clone();
+        if let Some((layer, decider)) = &self.layer {
+            for e in layer.items().filter(|e| e.path.starts_with(&prefix)) {
+                if e.kind() != FileKind::Socket
+                    && self
+                        .sorted
+                        .binary_search_by(|x| x.path.as_ref().cmp(&e.path))
+                        .is_err()
+                    && !self.extra.contains_key(&*e.path)
+                {
+                    let e = decider.decide(e);
+                    self.extra.insert(e.path.clone().into_owned(), e);
+                }
+            }
+        }
+        self.sorted
+            .iter_mut()
+            .chain(self.extra.values_mut())
+            .filter(move |e| e.path.starts_with(&prefix))
     }
 
-    /// Number of entries.
+    /// Number of entries held (the layer's not counted until copied).
     pub fn len(&self) -> usize {
         self.sorted.len() + self.extra.len()
     }
 
-    /// True when there are none.
+    /// True when none are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// All entries in path order.
+    /// All held entries in path order.
     pub fn into_sorted(self) -> Vec<PlannedEntry<'a>> {
-        let Entries { mut sorted, extra } = self;
+        let Entries {
+            mut sorted, extra, ..
+        } = self;
         if extra.len() <= 16 {
             // A few made-up entries: moved into place, without a second
             // copy of the whole list.
@@ -738,6 +928,34 @@ impl<'a> Entries<'a> {
         }
         out.extend(extra);
         out
+    }
+}
+
+/// Two streams of entries in path order merged; of equal paths the one
+/// of `others` is kept.
+struct Merged<'p, 'a, L: Iterator<Item = PlannedEntry<'a>>> {
+    layer: std::iter::Peekable<L>,
+    others: std::iter::Peekable<std::slice::Iter<'p, PlannedEntry<'a>>>,
+}
+
+impl<'a, L: Iterator<Item = PlannedEntry<'a>>> Iterator for Merged<'_, 'a, L> {
+    type Item = PlannedEntry<'a>;
+
+    fn next(&mut self) -> Option<PlannedEntry<'a>> {
+        let ord = match (self.layer.peek(), self.others.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(l), Some(o)) => l.path.cmp(&o.path),
+        };
+        match ord {
+            std::cmp::Ordering::Less => self.layer.next(),
+            std::cmp::Ordering::Greater => self.others.next().cloned(),
+            std::cmp::Ordering::Equal => {
+                self.layer.next();
+                self.others.next().cloned()
+            }
+        }
     }
 }
 
@@ -794,27 +1012,35 @@ impl<'a> Plan<'a> {
     /// `changes`, whose content lives under `root`; deletions are removed
     /// by the generated `postinst`.
     pub fn new(changes: &'a ChangeSet, root: &Path, opts: &PackOptions) -> Result<Plan<'a>> {
-        let items = changes
-            .present()
-            .map(|c| {
-                PlannedEntry::captured(
-                    Cow::Borrowed(&c.path),
-                    MetaRef::Borrowed(&c.meta),
-                    Source::Layer,
-                    Cow::Borrowed(&c.path),
-                )
-            })
-            .collect();
-        let mut plan = Plan::build(items, root, root, opts)?;
-        plan.deletions = changes.deletions().map(|c| c.path.clone()).collect();
+        let mut plan = Plan::build_with(
+            Some(LayerItems::present(changes)),
+            Vec::new(),
+            root,
+            root,
+            opts,
+        )?;
+        plan.deletions = changes.deletions().map(|c| c.path).collect();
         Ok(plan)
     }
 
-    /// Decide the entries for `items` (made by [`PlannedEntry::captured`],
-    /// in any order): the owner policy, carried xattrs, hard links, missing
-    /// parent directories, the permission table, mtime clamping. The
-    /// entries are decided where they are: no second list.
+    /// [`Plan::build_with`] of `items` alone.
     pub fn build(
+        items: Vec<PlannedEntry<'a>>,
+        layer_root: &Path,
+        base_root: &Path,
+        opts: &PackOptions,
+    ) -> Result<Plan<'a>> {
+        Plan::build_with(None, items, layer_root, base_root, opts)
+    }
+
+    /// Decide the entries of `layer` and `items` (made by
+    /// [`PlannedEntry::captured`], in any order; of a path in both, the
+    /// item is kept): the owner policy, carried xattrs, hard links,
+    /// missing parent directories, the permission table, mtime clamping.
+    /// The layer's entries are decided again, the same way, as they are
+    /// read: [`Plan::entries`].
+    pub fn build_with(
+        layer: Option<LayerItems<'a>>,
         mut items: Vec<PlannedEntry<'a>>,
         layer_root: &Path,
         base_root: &Path,
@@ -833,101 +1059,155 @@ impl<'a> Plan<'a> {
         let mut plan = Plan {
             layer_root: layer_root.to_path_buf(),
             base_root: base_root.to_path_buf(),
+            opts: opts.clone(),
             ..Plan::default()
         };
-        items.retain(|e| {
-            let socket = e.kind() == FileKind::Socket;
-            if socket {
-                plan.warnings
-                    .push(format!("{}: sockets cannot be packaged; skipped", e.path));
-            }
-            !socket
-        });
-        let mut first_of_group: BTreeMap<(Source, u32), Cow<'a, RelPath>> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        // Said first, in path order.
+        let mut sockets = Vec::new();
+        // One pass over both, in path order: hard-link groups, the notes
+        // of the owner policy and the xattrs, and the parent directories
+        // nobody provides.
         let mut owners = OwnerReport::default();
-        for e in items.iter_mut() {
-            let m = &*e.meta;
-            let hardlink_to = match m.link_group {
-                Some(g) => match first_of_group.get(&(e.source, g)) {
-                    Some(first) => Some(first.clone()),
-                    None => {
-                        first_of_group.insert((e.source, g), e.path.clone());
-                        None
-                    }
-                },
-                None => None,
+        let mut first_of_group: HashMap<(Source, u32), RelPath> = HashMap::new();
+        let mut parents: Vec<RelPath> = Vec::new();
+        let mut missing: BTreeMap<RelPath, PlannedEntry<'a>> = BTreeMap::new();
+        let mut layer_iter = layer.as_ref().map(|l| l.items().peekable());
+        let mut slot = 0usize;
+        loop {
+            let next_layer = layer_iter.as_mut().and_then(|it| it.peek());
+            let take_item = match (next_layer, items.get(slot)) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(l), Some(i)) => l.path >= i.path,
             };
-            let (uid, gid, mode) = owners.decide(opts.owners, &e.path, m);
-            let mut xattrs = None;
-            if !m.xattrs.keys().all(|k| is_packable_xattr(k)) {
-                let mut carried = Xattrs::new();
-                for (k, v) in &m.xattrs {
-                    if is_packable_xattr(k) {
-                        carried.insert(k.clone(), v.clone());
-                    } else {
-                        plan.warnings.push(format!(
-                            "{}: xattr {} is not carried (only security.capability, user.* and trusted.* are)",
-                            e.path,
-                            escape_bytes(k)
-                        ));
-                    }
+            let path = if take_item {
+                if let Some(it) = layer_iter.as_mut() {
+                    // The item replaces a layer entry of its path.
+                    it.next_if(|l| l.path == items[slot].path);
                 }
-                xattrs = Some(carried);
+                let e = &mut items[slot];
+                slot += 1;
+                if e.kind() == FileKind::Socket {
+                    sockets.push(format!("{}: sockets cannot be packaged; skipped", e.path));
+                    continue;
+                }
+                let hardlink_to = group_link(&mut first_of_group, e);
+                decide_entry(e, opts, &mut owners, &mut warnings, hardlink_to);
+                e.path.clone().into_owned()
+            } else {
+                let Some(mut e) = layer_iter.as_mut().and_then(|it| it.next()) else {
+                    break;
+                };
+                if e.kind() == FileKind::Socket {
+                    sockets.push(format!("{}: sockets cannot be packaged; skipped", e.path));
+                    continue;
+                }
+                let hardlink_to = group_link(&mut first_of_group, &e);
+                decide_entry(&mut e, opts, &mut owners, &mut warnings, hardlink_to);
+                e.path.into_owned()
+            };
+            // `parents` holds the directories above the entry before this
+            // one that the package has (given or made up): those that are
+            // above this one too are its own, and the rest are missing.
+            while parents.last().is_some_and(|p| !path.starts_with(p)) {
+                parents.pop();
             }
-            (e.uid, e.gid, e.mode) = (uid, gid, mode);
-            if hardlink_to.is_some() {
-                e.rare_mut().hardlink_to = hardlink_to;
-            }
-            if xattrs.is_some() {
-                e.rare_mut().xattrs = xattrs;
-            }
-        }
-        plan.warnings.extend(owners.notes(opts.owners));
-        let mut extra: BTreeMap<RelPath, PlannedEntry<'a>> = BTreeMap::new();
-        for e in &items {
-            let mut cur = e.path.parent();
+            let mut need = Vec::new();
+            let mut cur = path.parent();
             while let Some(dir) = cur {
-                let present = items
-                    .binary_search_by(|x| x.path.as_ref().cmp(&dir))
-                    .is_ok();
-                if dir.is_root() || present || extra.contains_key(&dir) {
+                if dir.is_root() || parents.last() == Some(&dir) {
                     break;
                 }
                 cur = dir.parent();
-                extra.insert(dir.clone(), parent_entry(dir, layer_root, base_root, opts));
+                need.push(dir);
             }
+            for dir in need.into_iter().rev() {
+                let made = parent_entry(dir.clone(), layer_root, base_root, opts);
+                missing.insert(dir.clone(), made);
+                parents.push(dir);
+            }
+            parents.push(path);
         }
+        drop(layer_iter);
+        items.retain(|e| e.kind() != FileKind::Socket);
+        sockets.append(&mut warnings);
+        plan.warnings = sockets;
+        plan.warnings.extend(owners.notes(opts.owners));
+        plan.first_of_group = first_of_group;
         let mut entries = Entries {
             sorted: items,
-            extra,
+            extra: missing,
+            layer: layer.as_ref().map(|l| {
+                (
+                    l,
+                    Decider {
+                        opts,
+                        first_of_group: &plan.first_of_group,
+                    },
+                )
+            }),
         };
         devtable::apply_table(&opts.device_table, &mut entries, &mut plan.warnings)?;
+        entries.layer = None;
+        let mut others = entries.into_sorted();
         if let Some(epoch) = opts.source_date_epoch {
-            for e in entries.iter_mut() {
+            for e in &mut others {
                 e.mtime = e.mtime.min(epoch);
             }
         }
-        plan.entries = entries.into_sorted();
-        plan.capabilities = plan
-            .entries
-            .iter()
-            .filter(|e| e.hardlink_to().is_none())
-            .filter_map(|e| {
-                e.xattrs()
-                    .get(&b"security.capability"[..])
-                    .map(|v| (e.path.clone().into_owned(), v.clone()))
-            })
-            .collect();
+        plan.others = others;
+        plan.layer = layer;
+        let (mut len, mut bytes, mut caps) = (0, 0, Vec::new());
+        for e in plan.entries() {
+            len += 1;
+            if e.kind() == FileKind::File && e.hardlink_to().is_none() {
+                bytes += e.size();
+            }
+            if e.hardlink_to().is_none() {
+                if let Some(v) = e.xattrs().get(&b"security.capability"[..]) {
+                    caps.push((e.path.clone().into_owned(), v.clone()));
+                }
+            }
+        }
+        (plan.len, plan.content_bytes, plan.capabilities) = (len, bytes, caps);
         Ok(plan)
+    }
+
+    /// The entries, decided, in path order.
+    pub fn entries(&self) -> impl Iterator<Item = PlannedEntry<'a>> + '_ {
+        let decider = Decider {
+            opts: &self.opts,
+            first_of_group: &self.first_of_group,
+        };
+        let layer: Box<dyn Iterator<Item = PlannedEntry<'a>> + '_> = match &self.layer {
+            Some(l) => Box::new(
+                l.items()
+                    .filter(|e| e.kind() != FileKind::Socket)
+                    .map(move |e| decider.decide(e)),
+            ),
+            None => Box::new(std::iter::empty()),
+        };
+        Merged {
+            layer: layer.peekable(),
+            others: self.others.iter().peekable(),
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the package holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Bytes of regular files (what opkg-build counts).
     pub fn content_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter(|e| e.kind() == FileKind::File && e.hardlink_to().is_none())
-            .map(|e| e.size())
-            .sum()
+        self.content_bytes
     }
 
     /// `Installed-Size` for `format`: bytes for opkg's formats (as
@@ -946,6 +1226,22 @@ impl<'a> Plan<'a> {
         match e.source {
             Source::Base => &self.base_root,
             _ => &self.layer_root,
+        }
+    }
+}
+
+/// The earlier path of `e`'s hard-link group, or none when `e` is the
+/// first (which it then becomes).
+fn group_link<'a>(
+    first_of_group: &mut HashMap<(Source, u32), RelPath>,
+    e: &PlannedEntry<'a>,
+) -> Option<Cow<'a, RelPath>> {
+    let g = e.meta.link_group?;
+    match first_of_group.get(&(e.source, g)) {
+        Some(first) => Some(Cow::Owned(first.clone())),
+        None => {
+            first_of_group.insert((e.source, g), e.path.clone().into_owned());
+            None
         }
     }
 }
@@ -1034,6 +1330,47 @@ fn io_err(path: &Path, what: &str) -> impl Fn(std::io::Error) -> Error {
 /// Files with at least this much hole are written as sparse members.
 const SPARSE_MIN: u64 = 64 * 1024;
 
+/// The entries of an OCI layer made from `plan`: an edit of a file the
+/// package does not own is the new entry at its own path (or a
+/// whiteout), and the private directories of the scripts' copies are not
+/// needed. In path order.
+fn oci_entries<'a>(plan: &Plan<'a>) -> Vec<(Cow<'static, RelPath>, Option<PlannedEntry<'a>>)> {
+    let private = b"var/lib/layerpack/".as_slice();
+    let mut entries: Vec<(Cow<'static, RelPath>, Option<PlannedEntry<'a>>)> = plan
+        .entries()
+        .filter(|e| {
+            !(e.source == Source::Synthetic
+                && e.kind() == FileKind::Dir
+                && (e.path.as_bytes().starts_with(private)
+                    || private.starts_with(e.path.as_bytes())))
+        })
+        .map(|e| (Cow::Owned(e.src_path().clone()), Some(e)))
+        .collect();
+    let replaced: std::collections::BTreeSet<RelPath> = entries
+        .iter()
+        .filter(|(_, e)| e.as_ref().is_some_and(|e| e.kind() != FileKind::Dir))
+        .map(|(p, _)| p.clone().into_owned())
+        .collect();
+    let mut deleted: Vec<RelPath> = plan.deletions.clone();
+    deleted.extend(
+        plan.edits
+            .iter()
+            .filter(|e| e.deleted)
+            .map(|e| e.path.clone()),
+    );
+    let deleted_set: std::collections::BTreeSet<&RelPath> = deleted.iter().collect();
+    let mut whiteouts = Vec::new();
+    for d in &deleted {
+        let parent = d.parent().unwrap_or_default();
+        if !deleted_set.contains(&parent) && !replaced.contains(&parent) {
+            whiteouts.push(parent.join(&[b".wh.", d.file_name()].concat()));
+        }
+    }
+    entries.extend(whiteouts.into_iter().map(|wh| (Cow::Owned(wh), None)));
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
+}
+
 /// Write the data tarball of `plan`. `prefix` is `./` for ipk and tar,
 /// empty for OCI; `extended` says whether entries carry their xattrs as PAX
 /// records and sparse files as GNU sparse members (dpkg's unpacker refuses
@@ -1048,64 +1385,19 @@ fn write_data_tar<W: Write>(
     let root = plan.layer_root.as_path();
     let mut w = TarWriter::new(out);
     let progress = crate::progress::step(
-        format!("packing {} entries", plan.entries.len()),
+        format!("packing {} entries", plan.len()),
         crate::progress::Unit::Bytes,
     );
     let mut digest = Sha256::new();
-    // A package's entries are the plan's; an OCI layer's are listed apart
-    // (other names, whiteouts).
-    let mut entries: Vec<(Cow<'_, RelPath>, Option<&PlannedEntry>)> = Vec::new();
-    if oci_whiteouts {
-        // A layer, not a package: an edit of a file the package does not
-        // own is the new entry at its own path (or a whiteout), and the
-        // private directories of the scripts' copies are not needed.
-        let private = b"var/lib/layerpack/".as_slice();
-        entries = plan
-            .entries
-            .iter()
-            .filter(|e| {
-                !(e.source == Source::Synthetic
-                    && e.kind() == FileKind::Dir
-                    && (e.path.as_bytes().starts_with(private)
-                        || private.starts_with(e.path.as_bytes())))
-            })
-            .map(|e| (Cow::Borrowed(e.src_path()), Some(e)))
-            .collect();
-        let present: std::collections::BTreeSet<&RelPath> =
-            entries.iter().map(|(p, _)| p.as_ref()).collect();
-        let mut deleted: Vec<RelPath> = plan.deletions.clone();
-        deleted.extend(
-            plan.edits
-                .iter()
-                .filter(|e| e.deleted)
-                .map(|e| e.path.clone()),
-        );
-        let deleted_set: std::collections::BTreeSet<&RelPath> = deleted.iter().collect();
-        let mut whiteouts = Vec::new();
-        for d in &deleted {
-            let parent = d.parent().unwrap_or_default();
-            let parent_deleted = deleted_set.contains(&parent);
-            let parent_replaced = present.contains(&parent)
-                && plan
-                    .entries
-                    .iter()
-                    .any(|e| *e.path == parent && e.kind() != FileKind::Dir);
-            if !parent_deleted && !parent_replaced {
-                whiteouts.push(parent.join(&[b".wh.", d.file_name()].concat()));
-            }
-        }
-        drop(present);
-        entries.extend(whiteouts.into_iter().map(|wh| (Cow::Owned(wh), None)));
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-    }
-    let listed: Box<dyn Iterator<Item = (Cow<'_, RelPath>, Option<&PlannedEntry>)>> =
+    // A package's entries are the plan's, read as they are written; an
+    // OCI layer's are listed apart (other names, whiteouts).
+    let listed: Box<dyn Iterator<Item = (Cow<'_, RelPath>, Option<PlannedEntry>)>> =
         if oci_whiteouts {
-            Box::new(entries.into_iter())
+            Box::new(oci_entries(plan).into_iter())
         } else {
             Box::new(
-                plan.entries
-                    .iter()
-                    .map(|e| (Cow::Borrowed(e.path.as_ref()), Some(e))),
+                plan.entries()
+                    .map(|e| (Cow::Owned(e.path.clone().into_owned()), Some(e))),
             )
         };
     for (path, e) in listed {
@@ -1126,6 +1418,7 @@ fn write_data_tar<W: Write>(
             w.header(&h).map_err(io_err(root, "cannot write package"))?;
             continue;
         };
+        let e = &e;
         if oci_whiteouts && path.file_name().starts_with(b".wh.") {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -1582,8 +1875,7 @@ mod tests {
             };
             let p = Plan::build(items.clone(), &empty, &empty, &opts).unwrap();
             let got: Vec<(String, u32, u32, u32)> = p
-                .entries
-                .iter()
+                .entries()
                 .filter(|e| e.kind() == FileKind::File)
                 .map(|e| (e.path.to_string(), e.uid, e.gid, e.mode))
                 .collect();
@@ -1625,6 +1917,117 @@ mod tests {
             w.iter()
                 .any(|m| m.contains("usr/bin/plocate: setgid bit dropped")),
             "{w:?}"
+        );
+    }
+
+    /// The layer's entries, read from the change set as the package is
+    /// written, are decided exactly as the same entries given whole.
+    #[test]
+    fn layer_entries_read_from_the_set_are_decided_like_items() {
+        use crate::model::{Change, ChangeKind};
+        let mut changes = Vec::new();
+        let mut add = |path: &str, kind: FileKind, mode: u32, f: &dyn Fn(&mut Meta)| {
+            let mut m = Meta::new(kind, mode);
+            (m.uid, m.gid, m.mtime_ns) = (1000, 1000, 4_000_000_000_000_000_000);
+            f(&mut m);
+            changes.push(Change {
+                path: path.into(),
+                kind: ChangeKind::Added,
+                meta: m,
+            });
+        };
+        add("usr/bin/a", FileKind::File, 0o4755, &|m| {
+            m.link_group = Some(1);
+            m.xattrs.insert(b"security.capability".to_vec(), vec![1]);
+            m.xattrs.insert(b"security.selinux".to_vec(), vec![2]);
+        });
+        add("usr/bin/b", FileKind::File, 0o755, &|m| {
+            m.link_group = Some(1)
+        });
+        add("usr/lib", FileKind::Dir, 0o755, &|_| {});
+        add("usr/lib/sock", FileKind::Socket, 0o755, &|_| {});
+        add("usr/lib/x/y/z", FileKind::File, 0o644, &|m| m.size = 3);
+        add("usr/share/doc/d", FileKind::File, 0o644, &|_| {});
+        add("usr/share/doc/e", FileKind::File, 0o644, &|_| {});
+        let cs = ChangeSet::from_unsorted(changes);
+        let table = devtable::parse(
+            "/usr/bin/b f 0700 0 0 - - - - -\n/usr/share r 0600 5 5 - - - - -\n/dev/null c 666 0 0 1 3 - - -\n",
+            Path::new("table.txt"),
+        )
+        .unwrap();
+        let empty = std::env::temp_dir().join("lp-no-such-root");
+        let opts = PackOptions {
+            owners: Owners::MapUser {
+                uid: 1000,
+                gid: 1000,
+            },
+            device_table: table,
+            source_date_epoch: Some(1_700_000_000),
+            ..PackOptions::default()
+        };
+        let streamed = Plan::new(&cs, &empty, &opts).unwrap();
+        let whole: Vec<PlannedEntry> = cs
+            .present()
+            .map(|c| {
+                PlannedEntry::captured(
+                    Cow::Owned(c.path.clone()),
+                    c.meta.into(),
+                    Source::Layer,
+                    Cow::Owned(c.path),
+                )
+            })
+            .collect();
+        let given = Plan::build(whole, &empty, &empty, &opts).unwrap();
+        let a: Vec<PlannedEntry> = streamed.entries().collect();
+        let b: Vec<PlannedEntry> = given.entries().collect();
+        assert_eq!(a, b);
+        assert_eq!(streamed.len(), a.len());
+        assert_eq!(streamed.warnings, given.warnings);
+        assert_eq!(streamed.capabilities, given.capabilities);
+        assert_eq!(streamed.content_bytes(), 3);
+        let got: Vec<(String, u32, u32, u32, i64, Option<String>)> = a
+            .iter()
+            .map(|e| {
+                (
+                    e.path.to_string(),
+                    e.mode,
+                    e.uid,
+                    e.gid,
+                    e.mtime,
+                    e.hardlink_to().map(|p| p.to_string()),
+                )
+            })
+            .collect();
+        let want: Vec<(String, u32, u32, u32, i64, Option<String>)> = [
+            ("dev/null", 0o666, 0, 0, 0, None),
+            ("usr", 0o755, 0, 0, 0, None),
+            ("usr/bin", 0o755, 0, 0, 0, None),
+            ("usr/bin/a", 0o755, 0, 0, 1_700_000_000, None),
+            ("usr/bin/b", 0o700, 0, 0, 1_700_000_000, Some("usr/bin/a")),
+            ("usr/lib", 0o755, 0, 0, 1_700_000_000, None),
+            ("usr/lib/x", 0o755, 0, 0, 0, None),
+            ("usr/lib/x/y", 0o755, 0, 0, 0, None),
+            ("usr/lib/x/y/z", 0o644, 0, 0, 1_700_000_000, None),
+            ("usr/share", 0o600, 5, 5, 0, None),
+            ("usr/share/doc", 0o600, 5, 5, 0, None),
+            ("usr/share/doc/d", 0o600, 5, 5, 1_700_000_000, None),
+            ("usr/share/doc/e", 0o600, 5, 5, 1_700_000_000, None),
+        ]
+        .iter()
+        .map(|(p, m, u, g, t, l)| (p.to_string(), *m, *u, *g, *t, l.map(str::to_string)))
+        .collect();
+        assert_eq!(got, want);
+        assert!(streamed
+            .warnings
+            .iter()
+            .any(|w| w.contains("usr/lib/sock: sockets")));
+        assert!(streamed
+            .warnings
+            .iter()
+            .any(|w| w.contains("security.selinux")));
+        assert_eq!(
+            streamed.capabilities,
+            [(RelPath::from("usr/bin/a"), vec![1])]
         );
     }
 }

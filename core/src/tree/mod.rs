@@ -22,7 +22,9 @@ pub mod fold;
 pub mod override_stat;
 pub mod upper;
 
-use crate::model::{split_dev, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs};
+use crate::model::{
+    split_dev, Change, ChangeKind, ChangeSet, ChangeSetBuilder, FileKind, Meta, RelPath, Xattrs,
+};
 use crate::{Error, ErrorKind, Result};
 
 /// Everything a scan learns about one entry.
@@ -328,8 +330,11 @@ pub fn default_scan_threads() -> usize {
 }
 
 /// Listings done but not yet consumed, in entries, before helpers pause:
-/// bounds memory to roughly this many records (~150 bytes each).
-const MAX_BUFFERED: usize = 64 * 1024;
+/// bounds memory to roughly this many records (~250 bytes each with their
+/// paths). A consumer that hashes what it reads (`final`) keeps the
+/// buffer full, so this is part of every `final`'s peak: 4 MB. Helpers
+/// are ahead by hundreds of directories even so.
+const MAX_BUFFERED: usize = 16 * 1024;
 
 struct Job {
     id: u64,
@@ -702,11 +707,11 @@ pub fn compare_by_hash(
 }
 
 /// Numbers the hard-link groups of reported files by (device, inode); a
-/// group of one (a link to something outside the layer) is no group.
+/// group of one (a link to something outside the layer) is dropped by
+/// [`crate::model::ChangeSetBuilder::finish`].
 #[derive(Default)]
 pub struct LinkGroups {
     by_inode: HashMap<(u64, u64), u32>,
-    members: HashMap<u32, u32>,
 }
 
 impl LinkGroups {
@@ -716,20 +721,7 @@ impl LinkGroups {
             return None;
         }
         let next = self.by_inode.len() as u32;
-        let g = *self.by_inode.entry((r.dev, r.ino)).or_insert(next);
-        *self.members.entry(g).or_insert(0) += 1;
-        Some(g)
-    }
-
-    /// Drop the groups that ended up with a single member.
-    pub fn finish(&self, changes: &mut [Change]) {
-        for c in changes {
-            if let Some(g) = c.meta.link_group {
-                if self.members.get(&g).copied().unwrap_or(0) < 2 {
-                    c.meta.link_group = None;
-                }
-            }
-        }
+        Some(*self.by_inode.entry((r.dev, r.ino)).or_insert(next))
     }
 }
 
@@ -747,7 +739,7 @@ pub fn diff_streams(
 ) -> Result<ChangeSet> {
     let mut old = old.peekable();
     let mut new = new.peekable();
-    let mut changes: Vec<Change> = Vec::new();
+    let mut changes = ChangeSetBuilder::new();
     let mut links = LinkGroups::default();
     loop {
         let ord = match (old.peek(), new.peek()) {
@@ -813,8 +805,7 @@ pub fn diff_streams(
             meta,
         });
     }
-    links.finish(&mut changes);
-    Ok(ChangeSet::from_unsorted(changes))
+    Ok(changes.finish())
 }
 
 fn take_err<I: Iterator<Item = Result<Record>>>(it: &mut I) -> Error {
@@ -925,7 +916,6 @@ mod tests {
         fs::create_dir(b.join("new")).unwrap();
         let cs = diff_trees(&a, &b, &ScanOptions::default()).unwrap();
         let got: Vec<(String, char)> = cs
-            .changes()
             .iter()
             .map(|c| (c.path.display(), c.kind.symbol()))
             .collect();

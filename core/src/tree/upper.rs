@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::beneath::Beneath;
-use crate::model::{Change, ChangeKind, ChangeSet, FileKind, RelPath};
+use crate::model::{Change, ChangeKind, ChangeSet, ChangeSetBuilder, FileKind, RelPath};
 use crate::tree::{
     classify_by_stat, compare_by_hash, hash_file, meta_differs, reach, LinkGroups, Record,
     ScanOptions, TreeScan, Verdict,
@@ -213,8 +213,8 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
         last: None,
     };
     // In the scan's order, which is path order but for deletions below a
-    // whiteout or a replaced directory; sorted once at the end.
-    let mut changes: Vec<Change> = Vec::new();
+    // whiteout or a replaced directory: the builder merges those in.
+    let mut changes = ChangeSetBuilder::new();
     // Upper entries below an opaque directory (only those: the final pass
     // needs nothing else), and the opaque directories enclosing the
     // current entry of the depth-first scan.
@@ -222,7 +222,7 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
     let mut hidden: Vec<RelPath> = Vec::new();
     let mut enclosing: Vec<RelPath> = Vec::new();
     let mut links = LinkGroups::default();
-    let deleted = |changes: &mut Vec<Change>, r: &Record| {
+    let deleted = |changes: &mut ChangeSetBuilder, r: &Record| {
         changes.push(Change {
             path: r.path.clone(),
             kind: ChangeKind::Deleted,
@@ -310,25 +310,16 @@ pub fn read_upper(upper: &Path, base: &Path, format: WhiteoutFormat) -> Result<C
             meta,
         });
     }
-    // Opaque directories hide every base child the upper layer lacks.
-    if !hidden.is_empty() {
-        changes.sort_by(|a, b| a.path.cmp(&b.path));
-        let known = changes.len();
-        for dir in hidden {
-            for b in scan_below(base, &dir)?.into_iter().skip(1) {
-                let shadowed = !present.contains(&b.path);
-                if shadowed
-                    && changes[..known]
-                        .binary_search_by(|c| c.path.cmp(&b.path))
-                        .is_err()
-                {
-                    deleted(&mut changes, &b);
-                }
+    // Opaque directories hide every base child the upper layer lacks (a
+    // path already reported keeps its first change).
+    for dir in hidden {
+        for b in scan_below(base, &dir)?.into_iter().skip(1) {
+            if !present.contains(&b.path) {
+                deleted(&mut changes, &b);
             }
         }
     }
-    links.finish(&mut changes);
-    Ok(ChangeSet::from_unsorted(changes))
+    Ok(changes.finish())
 }
 
 #[cfg(test)]
@@ -351,7 +342,6 @@ mod tests {
         let (root, base, upper) = aufs_fixture("read");
         let cs = read_upper(&upper, &base, WhiteoutFormat::Aufs).unwrap();
         let got: Vec<(String, char)> = cs
-            .changes()
             .iter()
             .filter(|c| {
                 !matches!(
@@ -390,10 +380,7 @@ mod tests {
         let mut got_sorted = got.clone();
         got_sorted.sort();
         assert_eq!(got_sorted, want);
-        assert!(cs
-            .changes()
-            .iter()
-            .all(|c| !c.path.display().contains(".wh.")));
+        assert!(cs.iter().all(|c| !c.path.display().contains(".wh.")));
         // The content hard link is one group; the whiteouts (links of
         // .wh..wh.aufs) are not content links.
         let group = |p: &str| cs.get(&RelPath::from(p)).unwrap().meta.link_group;
