@@ -1025,7 +1025,7 @@ impl App {
         // What no package owns or edits goes into the extra package.
         let mut claimed: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
         for p in ledger.packages.iter().filter(|p| p.name != extra) {
-            claimed.extend(p.files.iter().map(|f| f.path.clone()));
+            claimed.extend(p.files.iter().map(|f| f.path));
             claimed.extend(p.edits.iter().map(|e| e.path.clone()));
         }
         let mut unclaimed = Vec::new();
@@ -1066,7 +1066,7 @@ impl App {
             ledger.set(PackageRecord {
                 name: extra.to_string(),
                 version: Some(extra_version.to_string()),
-                files: unclaimed,
+                files: layerpack_core::ledger::FileList::from_vec(unclaimed),
                 ..ledger.get(extra).cloned().unwrap_or_default()
             });
         }

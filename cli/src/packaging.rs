@@ -299,14 +299,12 @@ impl Packaging {
         let written = self.compose_and_emit(&mut ledger, &s.package, cs, content, &s.base, out)?;
         // What the package owns from the layer is read from the change set
         // as the ledger is written, not copied into its record.
-        let kept: &[layerpack_core::ledger::OwnedPath] = ledger
-            .get(&s.package)
-            .map(|r| r.files.as_slice())
-            .unwrap_or_default();
+        let none = layerpack_core::ledger::FileList::default();
+        let kept = ledger.get(&s.package).map_or(&none, |r| &r.files);
         let routes = &written.routes;
         let files = || -> Box<dyn Iterator<Item = layerpack_core::ledger::OwnedPath> + '_> {
             Box::new(compose::with_layer_files(
-                kept,
+                kept.iter(),
                 compose::owned_from_layer(cs, routes),
             ))
         };

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::{private_path, Edit, LayerItems, MetaRef, PlannedEntry, Source};
-use crate::ledger::{EditRecord, Ledger, OwnedPath, PackageRecord};
+use crate::ledger::{EditRecord, FileList, Ledger, OwnedPath, PackageRecord};
 use crate::model::{path_cmp, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::Record;
 use crate::{Error, ErrorKind, Result};
@@ -168,7 +168,7 @@ impl Composition<'_> {
         files.sort_by(|a, b| path_cmp(&a.path, &b.path));
         // A path is kept once, with its first record.
         files.dedup_by(|later, first| later.path == first.path);
-        record.files = files;
+        record.files = FileList::from_vec(files);
         record
     }
 }
@@ -189,13 +189,13 @@ pub fn owned_from_layer<'s>(
         .map(|(ch, _)| owned(&ch.path, ch.meta.kind, ch.meta.sha256))
 }
 
-/// `kept` (in path order) and the files `layer` gives (in path order)
+/// The files `kept` gives and those `layer` gives (each in path order),
 /// merged; a path in both keeps its record in `kept`.
 pub fn with_layer_files<'s>(
-    kept: &'s [OwnedPath],
+    kept: impl Iterator<Item = OwnedPath> + 's,
     layer: impl Iterator<Item = OwnedPath> + 's,
 ) -> impl Iterator<Item = OwnedPath> + 's {
-    let mut kept = kept.iter().peekable();
+    let mut kept = kept.peekable();
     let mut layer = layer.peekable();
     std::iter::from_fn(move || {
         let ord = match (kept.peek(), layer.peek()) {
@@ -206,10 +206,10 @@ pub fn with_layer_files<'s>(
         };
         match ord {
             std::cmp::Ordering::Greater => layer.next(),
-            std::cmp::Ordering::Less => kept.next().cloned(),
+            std::cmp::Ordering::Less => kept.next(),
             std::cmp::Ordering::Equal => {
                 layer.next();
-                kept.next().cloned()
+                kept.next()
             }
         }
     })
@@ -226,10 +226,11 @@ pub fn compose<'a>(
     base: &Path,
     policy: ForeignPolicy,
 ) -> Result<Composition<'a>> {
-    let prev = ledger.get(name).cloned().unwrap_or_default();
-    let others = ledger.owners_except(name);
-    let prev_owned: BTreeMap<&[u8], &OwnedPath> =
-        prev.files.iter().map(|o| (o.path.as_slice(), o)).collect();
+    let none = PackageRecord::default();
+    let prev = ledger.get(name).unwrap_or(&none);
+    // Both asked in the change set's order, which is path order.
+    let mut others = ledger.owners_except(name);
+    let mut prev_owned = prev.files.seek();
     let prev_edits: BTreeMap<&[u8], &EditRecord> =
         prev.edits.iter().map(|e| (e.path.as_slice(), e)).collect();
     let mut c = Composition {
@@ -243,14 +244,14 @@ pub fn compose<'a>(
         let m = &ch.meta;
         // A path the package edited earlier keeps its original owner,
         // even when this install re-created what it had deleted.
-        let foreign_owner: Option<Option<&str>> = if prev_owned.contains_key(key) {
+        let foreign_owner: Option<Option<&str>> = if prev_owned.find(key).is_some() {
             None
         } else if let Some(e) = prev_edits.get(key) {
             Some(e.owner.as_deref())
         } else if ch.kind == ChangeKind::Added {
             None
         } else {
-            Some(others.get(key).copied())
+            Some(others.get(key))
         };
         let Some(owner) = foreign_owner else {
             // The package's own path.
@@ -367,13 +368,13 @@ pub fn compose<'a>(
             ),
         ));
     }
-    carry_forward(ledger, package, &prev, cs, base, &mut c, &mut edits_after)?;
+    carry_forward(ledger, package, prev, cs, base, &mut c, &mut edits_after)?;
     c.edits.sort_by(|a, b| a.path.cmp(&b.path));
     c.record = PackageRecord {
         name: name.to_string(),
         package: Some(package.to_string()),
         version: version.map(str::to_string),
-        files: Vec::new(),
+        files: FileList::default(),
         edits: edits_after.into_values().collect(),
         published: prev.published.clone(),
     };
@@ -410,7 +411,7 @@ fn carry_forward(
             Err(e) => Err(e),
         }
     };
-    for o in &prev.files {
+    for o in prev.files.iter() {
         let path = RelPath::parse_for(&o.path, "ledger path")?;
         // A path of the layer was decided above (a duplicate in the
         // ledger is dropped by the caller's dedup).
