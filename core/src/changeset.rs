@@ -253,39 +253,26 @@ impl ChangeSetBuilder {
     /// hard-link groups of one dropped and the others numbered in path
     /// order (so equal layers give equal sets).
     pub fn finish(mut self) -> ChangeSet {
-        let mut set = if self.late.is_empty() {
-            std::mem::take(&mut self.set)
-        } else {
+        if !self.late.is_empty() {
             // Stable: of equal late paths the first pushed comes first.
             let mut late = std::mem::take(&mut self.late);
             late.sort_by(|a, b| a.path.cmp(&b.path));
-            let old = std::mem::take(&mut self.set);
-            let mut merged = ChangeSetBuilder {
-                any_group: self.any_group,
-                ..ChangeSetBuilder::default()
-            };
+            let mut merged = ChangeSetBuilder::new();
             let mut late = late.into_iter().peekable();
             // The old set is read while the new one grows: twice the
             // compact size for a moment, never a struct per change.
-            for c in old.raw_iter() {
+            for c in self.set.raw_iter() {
                 while let Some(l) = late.next_if(|l| l.path < c.path) {
                     merged.push(l);
                 }
                 merged.push(c);
             }
-            for l in late {
-                merged.push(l);
-            }
+            late.for_each(|l| merged.push(l));
             // Equal paths arrived in order, so each went to `late` again.
             merged.late.clear();
-            let any = merged.any_group;
-            let mut set = std::mem::take(&mut merged.set);
-            if any {
-                set.number_groups();
-            }
-            set.shrink();
-            return set;
-        };
+            return merged.finish();
+        }
+        let mut set = self.set;
         if self.any_group {
             set.number_groups();
         }

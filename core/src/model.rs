@@ -184,6 +184,32 @@ pub fn path_cmp(a: &[u8], b: &[u8]) -> Ordering {
     a.len().cmp(&b.len())
 }
 
+/// Two streams in [`path_cmp`] order merged into one; of a path in both,
+/// the item of `preferred` is kept and the other dropped.
+pub fn merge_by_path<T>(
+    other: impl Iterator<Item = T>,
+    preferred: impl Iterator<Item = T>,
+    path: impl Fn(&T) -> &[u8],
+) -> impl Iterator<Item = T> {
+    let mut other = other.peekable();
+    let mut preferred = preferred.peekable();
+    std::iter::from_fn(move || {
+        let ord = match (other.peek(), preferred.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(o), Some(p)) => path_cmp(path(o), path(p)),
+        };
+        if ord == Ordering::Less {
+            return other.next();
+        }
+        if ord == Ordering::Equal {
+            other.next();
+        }
+        preferred.next()
+    })
+}
+
 impl Ord for RelPath {
     fn cmp(&self, other: &Self) -> Ordering {
         path_cmp(&self.0, &other.0)

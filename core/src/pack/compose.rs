@@ -21,7 +21,7 @@ use std::path::Path;
 
 use super::{private_path, Edit, LayerItems, MetaRef, PlannedEntry, Source};
 use crate::ledger::{EditRecord, FileList, Ledger, OwnedPath, PackageRecord};
-use crate::model::{path_cmp, ChangeKind, ChangeSet, FileKind, RelPath};
+use crate::model::{merge_by_path, path_cmp, ChangeKind, ChangeSet, FileKind, RelPath};
 use crate::tree::Record;
 use crate::{Error, ErrorKind, Result};
 
@@ -195,24 +195,7 @@ pub fn with_layer_files<'s>(
     kept: impl Iterator<Item = OwnedPath> + 's,
     layer: impl Iterator<Item = OwnedPath> + 's,
 ) -> impl Iterator<Item = OwnedPath> + 's {
-    let mut kept = kept.peekable();
-    let mut layer = layer.peekable();
-    std::iter::from_fn(move || {
-        let ord = match (kept.peek(), layer.peek()) {
-            (None, None) => return None,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(k), Some(l)) => path_cmp(&k.path, &l.path),
-        };
-        match ord {
-            std::cmp::Ordering::Greater => layer.next(),
-            std::cmp::Ordering::Less => kept.next(),
-            std::cmp::Ordering::Equal => {
-                layer.next();
-                kept.next()
-            }
-        }
-    })
+    merge_by_path(layer, kept, |f| &f.path)
 }
 
 /// Compose the package of `name` (written as `package`) from the layer

@@ -32,7 +32,9 @@ use flate2::{Compression, GzBuilder};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{escape_bytes, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs};
+use crate::model::{
+    escape_bytes, merge_by_path, Change, ChangeKind, ChangeSet, FileKind, Meta, RelPath, Xattrs,
+};
 use crate::{Error, ErrorKind, Result};
 use tarw::{TarHeader, TarKind, TarWriter};
 
@@ -931,34 +933,6 @@ impl<'a> Entries<'_, 'a> {
     }
 }
 
-/// Two streams of entries in path order merged; of equal paths the one
-/// of `others` is kept.
-struct Merged<'p, 'a, L: Iterator<Item = PlannedEntry<'a>>> {
-    layer: std::iter::Peekable<L>,
-    others: std::iter::Peekable<std::slice::Iter<'p, PlannedEntry<'a>>>,
-}
-
-impl<'a, L: Iterator<Item = PlannedEntry<'a>>> Iterator for Merged<'_, 'a, L> {
-    type Item = PlannedEntry<'a>;
-
-    fn next(&mut self) -> Option<PlannedEntry<'a>> {
-        let ord = match (self.layer.peek(), self.others.peek()) {
-            (None, None) => return None,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(l), Some(o)) => l.path.cmp(&o.path),
-        };
-        match ord {
-            std::cmp::Ordering::Less => self.layer.next(),
-            std::cmp::Ordering::Greater => self.others.next().cloned(),
-            std::cmp::Ordering::Equal => {
-                self.layer.next();
-                self.others.next().cloned()
-            }
-        }
-    }
-}
-
 /// The entry of a directory above the package's entries that the package
 /// lacks, so that it installs into an empty root too: read from the base
 /// (where unchanged directories are), else from the layer; the private
@@ -1189,10 +1163,7 @@ impl<'a> Plan<'a> {
             ),
             None => Box::new(std::iter::empty()),
         };
-        Merged {
-            layer: layer.peekable(),
-            others: self.others.iter().peekable(),
-        }
+        merge_by_path(layer, self.others.iter().cloned(), |e| e.path.as_bytes())
     }
 
     /// Number of entries.
